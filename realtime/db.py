@@ -1,0 +1,52 @@
+"""The SQLAlchemy engine of a process and the per-request session dependency.
+
+A request's session commits when the route returns and rolls back when it raises, so routes never commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from realtime.config import Settings
+from realtime.dsn import Dsn
+
+POOL_APPLICATION_NAME = "realtime"
+
+
+def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
+    """An asyncpg-backed engine whose pool is sized by settings and named `realtime` in pg_stat_activity."""
+    server_settings = {"application_name": POOL_APPLICATION_NAME}
+    if settings.statement_timeout_ms:
+        server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    return create_async_engine(
+        url.sqlalchemy(),
+        pool_size=settings.pool_size,
+        max_overflow=settings.pool_max_overflow,
+        pool_timeout=settings.pool_timeout,
+        pool_pre_ping=True,
+        connect_args={"server_settings": server_settings},
+    )
+
+
+def sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per request: committed if the route succeeds, rolled back if it raises."""
+    factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except BaseException:
+            await session.rollback()
+            raise
+
+
+# scope="function": the commit happens before the response is sent, so a failed commit is never a 2xx.
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]

@@ -1,0 +1,152 @@
+"""The error hierarchy and the handlers that turn every failure into RFC 9457 problem+json.
+
+Expected failures raise a `ProblemError` subclass carrying its HTTP status; one handler renders them all.
+Validation errors (FastAPI's and Starlette's own) are rendered in the same shape, so a client parses one format.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+_log = logging.getLogger(__name__)
+
+
+class FieldError(BaseModel):
+    """One invalid input: which field, where it came from, and what is wrong with it."""
+
+    field: str
+    location: str
+    message: str
+
+
+class Problem(BaseModel):
+    """The body of every error response (RFC 9457)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+class ProblemError(Exception):
+    """An expected failure that maps to one HTTP status and problem type."""
+
+    status = 400
+    slug = "bad-request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = headers or {}
+
+
+class NotFound(ProblemError):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(ProblemError):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class PreconditionFailed(ProblemError):
+    status, slug, title = 412, "precondition-failed", "Precondition failed"
+
+
+class Unavailable(ProblemError):
+    status, slug, title = 503, "unavailable", "Service unavailable"
+
+
+_TITLES = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    409: ("conflict", "Conflict"),
+    412: ("precondition-failed", "Precondition failed"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-error", "Validation error"),
+    428: ("precondition-required", "Precondition required"),
+    500: ("internal-error", "Internal server error"),
+    503: ("unavailable", "Service unavailable"),
+}
+
+
+def problem_type(slug: str) -> str:
+    """The `type` URI of a problem; docs/api.md lists every slug."""
+    return f"/problems/{slug}"
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    errors: Sequence[FieldError] | None = None,
+    headers: dict[str, str] | None = None,
+    slug: str | None = None,
+    title: str | None = None,
+) -> JSONResponse:
+    default_slug, default_title = _TITLES.get(status, ("error", "Error"))
+    body = Problem(
+        type=problem_type(slug or default_slug),
+        title=title or default_title,
+        status=status,
+        detail=detail,
+        errors=list(errors) if errors is not None else None,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True), status_code=status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def _field_errors(raw: Sequence[Any]) -> list[FieldError]:
+    result = []
+    for err in raw:
+        loc = [str(part) for part in err.get("loc", ())]
+        location = loc[0] if loc else "body"
+        field = ".".join(loc[1:]) if len(loc) > 1 else location
+        result.append(FieldError(field=field, location=location, message=str(err.get("msg", "invalid"))))
+    return result
+
+
+async def _on_problem(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc.status, exc.detail, headers=exc.headers, slug=exc.slug, title=exc.title)
+
+
+async def _on_validation(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = _field_errors(exc.errors())
+    detail = "; ".join(f"{e.field}: {e.message}" for e in errors) or "the request is invalid"
+    return problem_response(422, detail, errors=errors)
+
+
+async def _on_http(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    _log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(500, "an unexpected error occurred; it has been logged")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render every error the app can produce as problem+json."""
+    app.add_exception_handler(ProblemError, _on_problem)
+    app.add_exception_handler(RequestValidationError, _on_validation)
+    app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(Exception, _on_unexpected)

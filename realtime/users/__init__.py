@@ -1,0 +1,1 @@
+"""The users resource: REST CRUD over the `users` table."""

@@ -1,0 +1,72 @@
+"""HTTP routes of the users resource; thin: parsing, status codes and headers only."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Response, status
+
+from realtime.db import SessionDep
+from realtime.errors import Problem
+from realtime.users import service
+from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="The user's id.")]
+IfMatch = Annotated[
+    str | None,
+    Header(description='Only act if the user\'s current ETag is listed (e.g. `"3"`); otherwise 412.'),
+]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses=_problems(409, 422),
+    summary="Create a user",
+)
+async def create_user(body: UserCreate, session: SessionDep, response: Response) -> User:
+    user = await service.create(session, body)
+    response.headers["Location"] = f"/users/{user.id}"
+    response.headers["ETag"] = service.etag(user)
+    return user
+
+
+@router.get("", responses=_problems(422), summary="List users, keyset-paginated by id")
+async def list_users(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
+    after: Annotated[int, Query(ge=0, le=MAX_ID, description="Return users with id greater than this.")] = 0,
+) -> UserPage:
+    return await service.list_page(session, after, limit)
+
+
+@router.get("/{user_id}", responses=_problems(404, 422), summary="Get one user")
+async def get_user(user_id: UserId, session: SessionDep, response: Response) -> User:
+    user = await service.get(session, user_id)
+    response.headers["ETag"] = service.etag(user)
+    return user
+
+
+@router.patch("/{user_id}", responses=_problems(404, 409, 412, 422), summary="Update some fields of a user")
+async def update_user(
+    user_id: UserId, body: UserUpdate, session: SessionDep, response: Response, if_match: IfMatch = None
+) -> User:
+    user = await service.update(session, user_id, body, if_match)
+    response.headers["ETag"] = service.etag(user)
+    return user
+
+
+@router.delete(
+    "/{user_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses=_problems(404, 412, 422),
+    summary="Delete a user",
+)
+async def delete_user(user_id: UserId, session: SessionDep, if_match: IfMatch = None) -> None:
+    await service.delete(session, user_id, if_match)

@@ -1,0 +1,82 @@
+"""Users use cases: conditional requests (ETag / If-Match) and the mapping of outcomes to problems."""
+
+from __future__ import annotations
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from realtime.errors import Conflict, NotFound, PreconditionFailed
+from realtime.users import repository
+from realtime.users.schemas import User, UserCreate, UserPage, UserUpdate
+
+
+def etag(user: User) -> str:
+    """A strong entity tag derived from the database-maintained version."""
+    return f'"{user.version}"'
+
+
+def expected_versions(if_match: str | None) -> frozenset[int] | None:
+    """The versions an If-Match header accepts; None means unconditional (absent header or `*`).
+
+    If-Match uses strong comparison (RFC 9110 §13.1.1), so weak tags and anything that is not one of our tags
+    match no version and the request fails with 412 rather than silently succeeding.
+    """
+    if if_match is None or if_match.strip() == "*":
+        return None
+    versions = set()
+    for tag in if_match.split(","):
+        tag = tag.strip()
+        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit() and len(tag) < 12:
+            versions.add(int(tag[1:-1]))
+    return frozenset(versions)
+
+
+def _email_taken(email: str) -> Conflict:
+    return Conflict(f"a user with email {email!r} already exists")
+
+
+async def create(session: AsyncSession, body: UserCreate) -> User:
+    try:
+        return await repository.insert(session, body.name, str(body.email))
+    except repository.EmailTaken:
+        raise _email_taken(str(body.email)) from None
+
+
+async def get(session: AsyncSession, user_id: int) -> User:
+    user = await repository.get(session, user_id)
+    if user is None:
+        raise NotFound(f"no user with id {user_id}")
+    return user
+
+
+async def list_page(session: AsyncSession, after: int, limit: int) -> UserPage:
+    items, more = await repository.page(session, after, limit)
+    return UserPage(items=items, next_after=items[-1].id if more else None)
+
+
+async def update(session: AsyncSession, user_id: int, body: UserUpdate, if_match: str | None) -> User:
+    changes = body.model_dump(exclude_unset=True)
+    if "email" in changes:
+        changes["email"] = str(changes["email"])
+    try:
+        user = await repository.update_fields(session, user_id, changes, expected_versions(if_match))
+    except repository.EmailTaken:
+        raise _email_taken(changes["email"]) from None
+    if user is None:
+        raise await _why_not_found(session, user_id)
+    return user
+
+
+async def delete(session: AsyncSession, user_id: int, if_match: str | None) -> None:
+    if not await repository.delete_row(session, user_id, expected_versions(if_match)):
+        raise await _why_not_found(session, user_id)
+
+
+async def _why_not_found(session: AsyncSession, user_id: int) -> NotFound | PreconditionFailed:
+    """A conditional write touched no row: the row is gone (404) or its version moved on (412)."""
+    current = await repository.get(session, user_id)
+    if current is None:
+        return NotFound(f"no user with id {user_id}")
+    return PreconditionFailed(
+        f"user {user_id} is at version {current.version}; If-Match did not match",
+        headers={"ETag": etag(current)},
+    )
