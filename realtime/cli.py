@@ -111,9 +111,7 @@ def _stream(args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(url.asyncpg())
         try:
             if args.action == "list":
-                rows = await conn.fetch(
-                    "SELECT table_schema, table_name FROM realtime.streamed_tables ORDER BY 1, 2"
-                )
+                rows = await conn.fetch("SELECT table_schema, table_name FROM realtime.streamed_tables ORDER BY 1, 2")
                 for row in rows:
                     print(f"{row['table_schema']}.{row['table_name']}")
                 return 0

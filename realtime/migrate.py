@@ -16,6 +16,7 @@ MIGRATIONS = REPO_ROOT / "migrations"
 def alembic_config(url: Dsn) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("path_separator", "os")
     config.set_main_option("prepend_sys_path", str(REPO_ROOT))
     # ConfigParser interpolation would treat a '%' in a password as a placeholder.
     config.set_main_option("sqlalchemy.url", url.sqlalchemy().replace("%", "%%"))

@@ -43,9 +43,7 @@ def upgrade() -> None:
         $$
         """
     )
-    op.execute(
-        "CREATE TRIGGER users_touch BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION users_touch()"
-    )
+    op.execute("CREATE TRIGGER users_touch BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION users_touch()")
 
 
 def downgrade() -> None:

