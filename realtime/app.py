@@ -1,9 +1,9 @@
 """The FastAPI application: lifespan-owned resources, routers, error handlers and the static demo page.
 
 Lifecycle (one per worker process):
-    startup   engine (pool) -> [stream pipeline]
-    serving   requests use the pool through `SessionDep`
-    shutdown  in reverse: [stream pipeline] -> engine
+    startup   engine (pool) -> stream pipeline (listener, watchdog, pruner)
+    serving   requests use the pool through `SessionDep`; /ws sessions use the pipeline's hub
+    shutdown  in reverse: stream pipeline (WebSockets closed with 1012) -> engine
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from realtime.config import Settings, get_settings
 from realtime.db import create_engine, sessionmaker_for
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
+from realtime.stream.endpoint import router as stream_router
+from realtime.stream.listener import Listener
+from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
@@ -33,6 +36,8 @@ class State(TypedDict):
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    stream: StreamPipeline
+    listener: Listener
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -46,7 +51,18 @@ def create_app(settings: Settings) -> FastAPI:
         engine = create_engine(settings, url)
         _log.info("serving with database %s", url.redacted())
         try:
-            yield State(settings=settings, engine=engine, sessionmaker=sessionmaker_for(engine))
+            stream = StreamPipeline(settings, url, engine)
+            await stream.start()
+            try:
+                yield State(
+                    settings=settings,
+                    engine=engine,
+                    sessionmaker=sessionmaker_for(engine),
+                    stream=stream,
+                    listener=stream.listener,
+                )
+            finally:
+                await stream.stop()
         finally:
             await engine.dispose()
 
@@ -59,6 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(users_router)
+    app.include_router(stream_router)
     if WEB_DEMO.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DEMO, html=True), name="web_demo")
     return app

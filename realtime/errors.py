@@ -6,7 +6,9 @@ Validation errors (FastAPI's and Starlette's own) are rendered in the same shape
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -118,8 +120,35 @@ def _field_errors(raw: Sequence[Any]) -> list[FieldError]:
         loc = [str(part) for part in err.get("loc", ())]
         location = loc[0] if loc else "body"
         field = ".".join(loc[1:]) if len(loc) > 1 else location
+        if err.get("type") == "json_invalid":
+            # FastAPI puts the byte offset of the syntax error where a field name would be.
+            field = "body"
         result.append(FieldError(field=field, location=location, message=str(err.get("msg", "invalid"))))
     return result
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """Every method the app's own OpenAPI description offers on the request's path.
+
+    The router cannot be asked: Starlette's 405 names only the methods of the first route whose path matches,
+    and the demo page mounted at `/` claims every path that no route fully matches (answering `405 Allow: GET,
+    HEAD`, or 404 for HEAD). The OpenAPI paths are the documented truth, so the answer agrees with /openapi.json.
+    """
+    methods: set[str] = set()
+    paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    for template, operations in paths.items():
+        if _path_regex(template).fullmatch(request.url.path):
+            methods.update(method.upper() for method in operations if method in _HTTP_METHODS)
+    return methods
+
+
+_HTTP_METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch", "trace"})
+
+
+@functools.cache
+def _path_regex(template: str) -> re.Pattern[str]:
+    """`/users/{user_id}` -> a regex matching `/users/<one segment>`."""
+    return re.compile(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template)))
 
 
 async def _on_problem(_: Request, exc: Exception) -> JSONResponse:
@@ -134,8 +163,14 @@ async def _on_validation(_: Request, exc: Exception) -> JSONResponse:
     return problem_response(422, detail, errors=errors)
 
 
-async def _on_http(_: Request, exc: Exception) -> JSONResponse:
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code in (404, 405):
+        allowed = _allowed_methods(request)
+        if allowed and request.method not in allowed:
+            allow = ", ".join(sorted(allowed))
+            detail = f"{request.method} is not allowed on {request.url.path}; allowed: {allow}"
+            return problem_response(405, detail, headers={"Allow": allow})
     return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 

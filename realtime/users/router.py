@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from realtime.db import SessionDep
-from realtime.errors import Problem
+from realtime.errors import PROBLEM_JSON, Problem
 from realtime.users import service
 from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
 
@@ -21,13 +21,16 @@ IfMatch = Annotated[
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Problem, "content": {"application/problem+json": {}}} for code in codes}
+    # `model` registers the Problem schema (FastAPI files it under application/json); the body is actually
+    # served as application/problem+json, so that media type gets the schema too.
+    content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    return {code: {"model": Problem, "content": content} for code in codes}
 
 
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
-    responses=_problems(409, 422),
+    responses=_problems(400, 409, 422),
     summary="Create a user",
 )
 async def create_user(body: UserCreate, session: SessionDep, response: Response) -> User:
@@ -53,7 +56,7 @@ async def get_user(user_id: UserId, session: SessionDep, response: Response) -> 
     return user
 
 
-@router.patch("/{user_id}", responses=_problems(404, 409, 412, 422), summary="Update some fields of a user")
+@router.patch("/{user_id}", responses=_problems(400, 404, 409, 412, 422), summary="Update some fields of a user")
 async def update_user(
     user_id: UserId, body: UserUpdate, session: SessionDep, response: Response, if_match: IfMatch = None
 ) -> User:

@@ -1,0 +1,60 @@
+"""The change record as read from `realtime.changes`, and the names of streamed tables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+
+Row = dict[str, Any]
+
+
+class TableKey(NamedTuple):
+    """A table by schema and name; `public` tables are named without their schema on the wire."""
+
+    schema: str
+    name: str
+
+    @classmethod
+    def parse(cls, text: str) -> TableKey:
+        schema, dot, name = text.partition(".")
+        return cls(schema, name) if dot else cls("public", schema)
+
+    @property
+    def wire_name(self) -> str:
+        return self.name if self.schema == "public" else f"{self.schema}.{self.name}"
+
+
+@dataclass(eq=False, slots=True)
+class Change:
+    """One committed row change. Rows stay as the JSON text PostgreSQL produced until a filter needs them, so a
+    change that only unfiltered subscriptions receive is never decoded or re-encoded."""
+
+    seq: int
+    table: TableKey
+    op: str
+    new_json: str | None
+    old_json: str | None
+    ts: str
+    _new: Row | None = field(default=None, repr=False)
+    _old: Row | None = field(default=None, repr=False)
+
+    @property
+    def new_row(self) -> Row | None:
+        if self._new is None and self.new_json is not None:
+            self._new = orjson.loads(self.new_json)
+        return self._new
+
+    @property
+    def old_row(self) -> Row | None:
+        if self._old is None and self.old_json is not None:
+            self._old = orjson.loads(self.old_json)
+        return self._old
+
+    @property
+    def filter_row(self) -> Row:
+        """The row filters are checked against: the new row, or the old one for DELETE."""
+        row = self.old_row if self.op == "DELETE" else self.new_row
+        assert row is not None
+        return row

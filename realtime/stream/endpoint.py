@@ -1,0 +1,198 @@
+"""The WebSocket route `/ws`: one reader loop and one writer task per connection.
+
+Lifecycle of a connection:
+    accept      an outbox and its writer task are created and attached to the hub (so shutdown can close it)
+    reading     each client frame is parsed and handled in order; a bad frame gets an `error` frame and the
+                connection stays usable; subscribe reads history (snapshot or replay) on this task while the
+                hub buffers live changes for the new subscription, then turns it live with no gap
+    closing     the client disconnects, or the outbox closes (4008 too slow, 1012 restarting): both tasks end,
+                every subscription is removed from the hub
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+from fastapi import APIRouter, WebSocket
+
+from realtime.stream import changelog
+from realtime.stream.changelog import CursorExpired, StreamedTable
+from realtime.stream.filters import compile_filter
+from realtime.stream.hub import Subscription
+from realtime.stream.outbox import Outbox
+from realtime.stream.pipeline import StreamPipeline
+from realtime.stream.protocol import (
+    Ping,
+    ProtocolError,
+    Subscribe,
+    Unsubscribe,
+    change_body,
+    change_frame,
+    error_frame,
+    parse_client_message,
+    reply_frame,
+    snapshot_frame,
+)
+
+router = APIRouter()
+_log = logging.getLogger(__name__)
+
+
+@router.websocket("/ws")
+async def stream(websocket: WebSocket) -> None:
+    pipeline: StreamPipeline = websocket.state.stream
+    settings = pipeline.settings
+    await websocket.accept()
+    outbox = Outbox(websocket.send, max_frames=settings.ws_queue_size, abort=_transport_aborter(websocket))
+    session = ClientSession(pipeline, outbox)
+    pipeline.hub.attach(outbox)
+    writer = asyncio.create_task(outbox.run(close_timeout=settings.shutdown_timeout_s))
+    reader = asyncio.create_task(session.read_frames(websocket))
+    try:
+        await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        session.remove_all()
+        pipeline.hub.detach(outbox)
+        if reader.done() and not writer.done():
+            # The client left (or the reader failed): nothing more can be sent.
+            writer.cancel()
+        elif not reader.done():
+            # The writer closed the connection; give the peer a moment to finish the close handshake.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(reader), timeout=settings.shutdown_timeout_s)
+            reader.cancel()
+        await asyncio.gather(reader, writer, return_exceptions=True)
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            _log.error("WebSocket reader failed", exc_info=reader.exception())
+
+
+def _transport_aborter(websocket: WebSocket) -> Callable[[], None]:
+    """A way to drop the TCP connection of a peer that reads nothing (even a close frame would never leave).
+
+    ASGI has no abort; uvicorn's send callable is a method of its protocol object, which owns the transport.
+    """
+    protocol = getattr(websocket._send, "__self__", None)
+    transport = getattr(protocol, "transport", None)
+
+    def abort() -> None:
+        if transport is not None:
+            transport.abort()
+
+    return abort
+
+
+class ClientSession:
+    """The subscriptions of one connection and the handling of its client frames."""
+
+    def __init__(self, pipeline: StreamPipeline, outbox: Outbox) -> None:
+        self._pipeline = pipeline
+        self._outbox = outbox
+        self._subscriptions: dict[str, Subscription] = {}
+
+    async def read_frames(self, websocket: WebSocket) -> None:
+        max_bytes = self._pipeline.settings.ws_max_frame_bytes
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            try:
+                if text is None:
+                    raise ProtocolError("bad_message", "binary frames are not accepted; send JSON text frames")
+                if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
+                    raise ProtocolError("frame_too_large", f"frames are limited to {max_bytes} bytes")
+                await self._handle(parse_client_message(text))
+            except ProtocolError as error:
+                await self._outbox.put(error_frame(error.code, error.message, ref=error.ref, sub_id=error.sub_id))
+
+    async def _handle(self, request: Subscribe | Unsubscribe | Ping) -> None:
+        if isinstance(request, Ping):
+            await self._outbox.put(reply_frame("pong", request.ref))
+        elif isinstance(request, Unsubscribe):
+            sub = self._subscriptions.pop(request.id, None)
+            if sub is None:
+                raise ProtocolError(
+                    "not_subscribed", f"no subscription {request.id!r} on this connection", ref=request.ref
+                )
+            self._pipeline.hub.remove(sub)
+            await self._outbox.put(reply_frame("unsubscribed", request.ref, id=request.id))
+        else:
+            await self._subscribe(request)
+
+    async def _subscribe(self, request: Subscribe) -> None:
+        def refuse(code: str, message: str) -> ProtocolError:
+            return ProtocolError(code, message, ref=request.ref, sub_id=request.id)
+
+        settings = self._pipeline.settings
+        if request.id in self._subscriptions:
+            raise refuse("duplicate_id", f"subscription {request.id!r} is already open on this connection")
+        if len(self._subscriptions) >= settings.ws_max_subscriptions:
+            raise refuse("too_many_subscriptions", f"at most {settings.ws_max_subscriptions} per connection")
+        table = await self._pipeline.catalog.lookup(request.table)
+        if table is None:
+            raise refuse("unknown_table", f"table {request.table.wire_name!r} does not exist or does not stream")
+        unknown = sorted({c.column for c in request.conditions} - table.columns)
+        if unknown:
+            raise refuse("unknown_column", f"table {table.key.wire_name!r} has no column {', '.join(unknown)}")
+
+        hub = self._pipeline.hub
+        sub = Subscription(
+            id=request.id,
+            table=table.key,
+            events=request.events,
+            filter=compile_filter(request.conditions),
+            outbox=self._outbox,
+            max_pending=settings.ws_queue_size,
+        )
+        self._subscriptions[request.id] = sub
+        hub.add(sub)
+        # Everything up to here is synchronous, so no change was published between add() and reading this.
+        hub_position = hub.position
+        try:
+            if request.snapshot:
+                position = await self._send_snapshot(sub, table)
+            elif request.since is not None:
+                position = await self._replay(sub, request.since, hub_position)
+            else:
+                position = hub_position
+        except CursorExpired as error:
+            self._drop(sub)
+            raise refuse("cursor_expired", str(error)) from None
+        except BaseException:
+            self._drop(sub)
+            raise
+        await self._outbox.put(reply_frame("subscribed", request.ref, id=request.id, seq=position))
+        sub.go_live(position)
+
+    async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
+        chunk_rows = self._pipeline.settings.snapshot_chunk_rows
+        position = 0
+        async with self._pipeline.connection() as conn:
+            previous: tuple[int, list[str]] | None = None
+            async for chunk in changelog.snapshot(conn, table, sub.filter, chunk_rows):
+                if previous is not None:
+                    await self._outbox.put(snapshot_frame(sub.id, previous[0], previous[1], last=False))
+                previous = chunk
+            assert previous is not None
+            position = previous[0]
+            await self._outbox.put(snapshot_frame(sub.id, position, previous[1], last=True))
+        return position
+
+    async def _replay(self, sub: Subscription, since: int, until: int) -> int:
+        async with self._pipeline.connection() as conn:
+            async for change in changelog.replay(conn, sub.table, since, until):
+                if change.op in sub.events and (not sub.filter.conditions or sub.filter.matches(change.filter_row)):
+                    await self._outbox.put(change_frame(sub.id, change_body(change)), change.seq)
+        return max(since, until)
+
+    def _drop(self, sub: Subscription) -> None:
+        self._subscriptions.pop(sub.id, None)
+        self._pipeline.hub.remove(sub)
+
+    def remove_all(self) -> None:
+        for sub in self._subscriptions.values():
+            self._pipeline.hub.remove(sub)
+        self._subscriptions.clear()

@@ -1,0 +1,173 @@
+"""The hub of one process: subscriptions by table, matching, and fan-out onto each connection's outbox.
+
+Lifecycle of a subscription:
+    catching up   registered, but its frames go to `pending` while the connection reads a snapshot or replays
+                  history; `position` is where that history ends
+    live          `go_live()` flushes the pending frames newer than `position`, then frames go straight to the
+                  connection's outbox
+    removed       unsubscribe or disconnect
+
+`publish()` runs on the listener's task for each batch, in `seq` order. It never awaits: a change is matched,
+encoded once per distinct subscription id, and offered to each outbox. Subscriptions with an `eq` condition are
+indexed by that column's value, so a change costs nothing for subscriptions whose indexed value differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from realtime.stream.changes import Change, TableKey
+from realtime.stream.filters import RowFilter, value_key
+from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
+from realtime.stream.protocol import change_body, change_frame
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False, slots=True)
+class Subscription:
+    id: str
+    table: TableKey
+    events: frozenset[str]
+    filter: RowFilter
+    outbox: Outbox
+    max_pending: int
+    position: int = 0
+    pending: list[tuple[int, str]] | None = field(default_factory=list)
+
+    def deliver(self, seq: int, frame: str) -> None:
+        if self.pending is not None:
+            self.pending.append((seq, frame))
+            if len(self.pending) > self.max_pending:
+                self.outbox.close(CLOSE_TOO_SLOW, "too slow")
+        elif seq > self.position:
+            self.position = seq
+            self.outbox.offer(frame, seq)
+
+    def go_live(self, position: int) -> None:
+        """Start live delivery after history up to `position` was sent; no change is skipped or repeated."""
+        self.position = position
+        pending, self.pending = self.pending or [], None
+        for seq, frame in pending:
+            self.deliver(seq, frame)
+
+
+class _TableSubscriptions:
+    def __init__(self) -> None:
+        self.unindexed: dict[Subscription, None] = {}
+        self.by_value: defaultdict[str, defaultdict[Hashable, dict[Subscription, None]]] = defaultdict(
+            lambda: defaultdict(dict)
+        )
+        self.count = 0
+
+    def add(self, sub: Subscription) -> None:
+        condition = sub.filter.index_condition
+        if condition is None:
+            self.unindexed[sub] = None
+        else:
+            self.by_value[condition.column][value_key(condition.value)][sub] = None
+        self.count += 1
+
+    def remove(self, sub: Subscription) -> None:
+        condition = sub.filter.index_condition
+        if condition is None:
+            self.unindexed.pop(sub, None)
+        else:
+            column = self.by_value[condition.column]
+            key = value_key(condition.value)
+            column[key].pop(sub, None)
+            if not column[key]:
+                del column[key]
+            if not column:
+                del self.by_value[condition.column]
+        self.count -= 1
+
+    def candidates(self, change: Change) -> Iterator[Subscription]:
+        yield from self.unindexed
+        if self.by_value:
+            row = change.filter_row
+            for column, subs_by_value in self.by_value.items():
+                subs = subs_by_value.get(value_key(row.get(column)))
+                if subs:
+                    yield from subs
+
+
+class Hub:
+    def __init__(self) -> None:
+        self.position = 0  # seq of the last change published (the listener's read position)
+        self._tables: dict[TableKey, _TableSubscriptions] = {}
+        self._outboxes: dict[Outbox, None] = {}
+        self.no_connections = asyncio.Event()
+        self.no_connections.set()
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(table.count for table in self._tables.values())
+
+    @property
+    def outboxes(self) -> Iterable[Outbox]:
+        return self._outboxes
+
+    def attach(self, outbox: Outbox) -> None:
+        self._outboxes[outbox] = None
+        self.no_connections.clear()
+
+    def detach(self, outbox: Outbox) -> None:
+        self._outboxes.pop(outbox, None)
+        if not self._outboxes:
+            self.no_connections.set()
+
+    def add(self, sub: Subscription) -> None:
+        table = self._tables.get(sub.table)
+        if table is None:
+            table = self._tables[sub.table] = _TableSubscriptions()
+        table.add(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        table = self._tables.get(sub.table)
+        if table is not None:
+            table.remove(sub)
+            if table.count == 0:
+                del self._tables[sub.table]
+
+    def publish(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            self._publish_one(change)
+            self.position = change.seq
+
+    def _publish_one(self, change: Change) -> None:
+        table = self._tables.get(change.table)
+        if table is None:
+            return
+        body: str | None = None
+        frames: dict[str, str] = {}
+        op = change.op
+        for sub in table.candidates(change):
+            if op not in sub.events:
+                continue
+            if sub.filter.conditions and not sub.filter.matches(change.filter_row):
+                continue
+            frame = frames.get(sub.id)
+            if frame is None:
+                if body is None:
+                    body = change_body(change)
+                frame = frames[sub.id] = change_frame(sub.id, body)
+            sub.deliver(change.seq, frame)
+
+    def close_all(self, code: int, why: str) -> None:
+        for outbox in list(self._outboxes):
+            outbox.close(code, why)
+
+    def expire_stuck_sends(self, now: float, send_timeout: float) -> int:
+        """Close and abort connections whose current send has been blocked longer than `send_timeout`."""
+        stuck = [o for o in self._outboxes if o.sending_since is not None and now - o.sending_since > send_timeout]
+        for outbox in stuck:
+            outbox.close(CLOSE_TOO_SLOW, "too slow")
+            outbox.abort()
+        if stuck:
+            _log.info("closed %d connection(s) whose send was stuck for over %.1fs", len(stuck), send_timeout)
+        return len(stuck)

@@ -1,0 +1,131 @@
+"""The stream pipeline of one process, owned by the app's lifespan.
+
+Lifecycle:
+    start   listener task (connects, catches up, goes live), stuck-send watchdog, retention pruner; a chained
+            SIGTERM/SIGINT handler so WebSockets are closed with 1012 and their resume position before the
+            server starts tearing connections down
+    run     endpoint sessions register subscriptions with the hub and read history through `connection()`
+    stop    every WebSocket closed with 1012 (bounded by SHUTDOWN_TIMEOUT_S), then background tasks cancelled
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from types import FrameType
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from realtime.config import Settings
+from realtime.dsn import Dsn
+from realtime.stream import changelog
+from realtime.stream.catalog import Catalog
+from realtime.stream.hub import Hub
+from realtime.stream.listener import Listener, ListenerSettings
+from realtime.stream.outbox import CLOSE_RESTARTING
+
+_log = logging.getLogger(__name__)
+_WATCHDOG_INTERVAL_S = 1.0
+
+
+class StreamPipeline:
+    def __init__(self, settings: Settings, url: Dsn, engine: AsyncEngine) -> None:
+        self.settings = settings
+        self._engine = engine
+        self.hub = Hub()
+        self.catalog = Catalog(self.connection)
+        self.listener = Listener(
+            url,
+            self.hub,
+            ListenerSettings(
+                batch_size=settings.listener_batch_size,
+                heartbeat_s=settings.listener_heartbeat_s,
+                heartbeat_timeout_s=settings.listener_heartbeat_timeout_s,
+                backoff_initial_s=settings.listener_backoff_initial_s,
+                backoff_max_s=settings.listener_backoff_max_s,
+            ),
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._previous_handlers: dict[int, Any] = {}
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled asyncpg connection for snapshots, replays and catalog look-ups."""
+        async with self._engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            yield raw.driver_connection
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.listener.run(), name="realtime-listener"),
+            asyncio.create_task(self._watchdog(), name="realtime-watchdog"),
+            asyncio.create_task(self._pruner(), name="realtime-pruner"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_crash_loudly)
+        self._chain_signal_handlers()
+
+    async def stop(self) -> None:
+        self._restore_signal_handlers()
+        self.hub.close_all(CLOSE_RESTARTING, "restarting")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.shutdown_timeout_s):
+                await self.hub.no_connections.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _chain_signal_handlers(self) -> None:
+        """Close WebSockets with 1012 + last seq the moment a stop signal arrives, then let the server's own
+        handler run. Without this the server would cut them with a bare 1012 before the lifespan ends."""
+        loop = asyncio.get_running_loop()
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(sig: int, frame: FrameType | None, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self.hub.close_all, CLOSE_RESTARTING, "restarting")
+                previous(sig, frame)
+
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # not the main thread (e.g. an in-process test server): nothing to chain
+                return
+            self._previous_handlers[signum] = previous
+
+    def _restore_signal_handlers(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(signum, previous)
+        self._previous_handlers.clear()
+
+    async def _watchdog(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_WATCHDOG_INTERVAL_S)
+            self.hub.expire_stuck_sends(loop.time(), self.settings.ws_send_timeout_s)
+
+    async def _pruner(self) -> None:
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.retention_interval_s)
+            try:
+                async with self.connection() as conn:
+                    deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                _log.warning("changelog pruning failed (%s); will retry", error)
+                continue
+            if deleted:
+                _log.info("pruned %d changelog rows", deleted)
+
+
+def _crash_loudly(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _log.critical("background task %s died", task.get_name(), exc_info=task.exception())
