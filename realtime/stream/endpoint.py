@@ -164,7 +164,7 @@ class ClientSession:
         except BaseException:
             self._drop(sub)
             raise
-        await self._outbox.put(reply_frame("subscribed", request.ref, id=request.id, seq=position))
+        await self._outbox.put(reply_frame("subscribed", request.ref, id=request.id, seq=position), position)
         sub.go_live(position)
 
     async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
@@ -174,11 +174,11 @@ class ClientSession:
             previous: tuple[int, list[str]] | None = None
             async for chunk in changelog.snapshot(conn, table, sub.filter, chunk_rows):
                 if previous is not None:
-                    await self._outbox.put(snapshot_frame(sub.id, previous[0], previous[1], last=False))
+                    await self._outbox.put(snapshot_frame(sub.id, previous[0], previous[1], last=False), previous[0])
                 previous = chunk
             assert previous is not None
             position = previous[0]
-            await self._outbox.put(snapshot_frame(sub.id, position, previous[1], last=True))
+            await self._outbox.put(snapshot_frame(sub.id, position, previous[1], last=True), position)
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:

@@ -88,7 +88,7 @@ class Outbox:
                 self.sending_since = loop.time()
                 await self._send({"type": "websocket.send", "text": frame})
                 self.sending_since = None
-                if seq:
+                if seq > self.last_seq_sent:
                     self.last_seq_sent = seq
         except asyncio.CancelledError:
             raise
