@@ -1,0 +1,685 @@
+/**
+ * realtime.js: a dependency-free browser client for the realtime WebSocket protocol (docs/protocol.md).
+ *
+ * Copy this one file next to your page and import it as an ES module. It keeps a socket open, resumes every
+ * subscription after a disconnect from the last position it delivered, and tells you when it could not.
+ *
+ * Connection lifecycle (the `status` event reports each arrow once):
+ *
+ *     connect() ─► connecting ─open─► live ─close / no pong─► reconnecting ─backoff─► (open) ─► live
+ *                      │                                        ▲      │
+ *                      └──────────── socket failed ─────────────┘      └─ retries forever, delay capped
+ *
+ *     close(), or the browser reports it is offline ─► offline      ("online" event ─► reconnect at once)
+ *
+ * Subscription lifecycle, repeated on every connection:
+ *
+ *     sent ─► [snapshot chunks, assembled] ─► subscribed ─► change, change, ...
+ *       ├─ with `since: lastSeq` once it has a position, so the server replays exactly what was missed
+ *       └─ error cursor_expired ─► `reset` handler ─► sent again with `snapshot: true`
+ *
+ * Positions (`seq`) are read as JavaScript numbers; they stay exact up to 2^53, far beyond any real changelog.
+ */
+
+/** @typedef {'connecting' | 'live' | 'reconnecting' | 'offline'} Status */
+/** @typedef {'INSERT' | 'UPDATE' | 'DELETE'} Op */
+/** @typedef {'eq' | 'neq' | 'lt' | 'lte' | 'gt' | 'gte' | 'in' | 'is'} FilterOp */
+
+/**
+ * One filter condition; all conditions of a subscription must hold.
+ * @typedef {object} Condition
+ * @property {string} column
+ * @property {FilterOp} op
+ * @property {unknown} value  a scalar; a non-empty list for `in`; null, true or false for `is`
+ */
+
+/**
+ * What to subscribe to.
+ * @typedef {object} SubscribeSpec
+ * @property {string} table            `users` or `schema.table`
+ * @property {string} [id]             1–64 chars, unique on this client; generated when omitted
+ * @property {Op[]} [events]           default: all three
+ * @property {Condition[]} [filter]    default: every row
+ * @property {boolean} [snapshot]      deliver the matching rows first, then the changes after them
+ * @property {number} [since]          resume from a position you stored earlier (excludes `snapshot`)
+ */
+
+/**
+ * A `change` frame exactly as the server sent it.
+ * @typedef {object} ChangeFrame
+ * @property {'change'} type
+ * @property {string} id               the subscription id
+ * @property {number} seq
+ * @property {string} table
+ * @property {Op} op
+ * @property {Record<string, unknown>} [row]   absent for DELETE
+ * @property {Record<string, unknown>} [old]   absent for INSERT
+ * @property {string} ts                        commit time, ISO 8601 UTC
+ */
+
+/**
+ * Callbacks of one subscription; all are optional.
+ * @typedef {object} Handlers
+ * @property {(rows: Record<string, unknown>[], seq: number) => void} [snapshot]
+ *           the complete snapshot, every chunk assembled, read at position `seq`
+ * @property {(seq: number) => void} [subscribed]   the subscription is live from `seq` (after each (re)connect)
+ * @property {(frame: ChangeFrame) => void} [change] one committed change, never twice, in `seq` order
+ * @property {() => void} [reset]
+ *           the server no longer holds the changes since our last position; a fresh `snapshot` follows,
+ *           so throw away what you derived from earlier frames
+ * @property {(err: RealtimeError) => void} [error]  the server refused the subscription; it is closed
+ */
+
+/**
+ * Client options.
+ * @typedef {object} ClientOptions
+ * @property {number} [pingInterval]   ms between application pings (default 15000)
+ * @property {number} [pongTimeout]    ms to wait for the pong before the link counts as dead (default 5000)
+ * @property {number} [connectTimeout] ms an opening handshake may take before it is abandoned (default 10000)
+ * @property {{initial?: number, max?: number}} [backoff]  reconnect delay bounds in ms (default 500 / 15000)
+ * @property {typeof WebSocket} [WebSocket]  constructor to use instead of the global one (tests, Node)
+ */
+
+/**
+ * Details of a lost connection, passed to `disconnect` listeners. Only sockets that had opened report one; a
+ * failed attempt just leads to the next.
+ * @typedef {object} DisconnectInfo
+ * @property {number} code        WebSocket close code (4000 when this client gave up on a silent link)
+ * @property {string} reason
+ * @property {number | null} serverLastSeq  `last_seq` from a 1012 / 4008 reason, for diagnostics only
+ */
+
+const DEFAULTS = {
+  pingInterval: 15_000,
+  pongTimeout: 5_000,
+  connectTimeout: 10_000,
+  backoff: { initial: 500, max: 15_000 },
+};
+const OPS = ['INSERT', 'UPDATE', 'DELETE'];
+// Our own close code for a link that stopped answering (4000-4999 is free for applications).
+const CLOSE_NO_ANSWER = 4000;
+// 2 ** 30 times any sane initial delay already exceeds every sane cap; stop growing the exponent there.
+const MAX_EXPONENT = 30;
+
+/** An `error` frame from the server, or a problem this client detected. */
+export class RealtimeError extends Error {
+  /**
+   * @param {string} code     the protocol error code, e.g. `invalid_filter`
+   * @param {string} message
+   * @param {unknown} [ref]   the `ref` of the request it answers
+   */
+  constructor(code, message, ref) {
+    super(message);
+    this.name = 'RealtimeError';
+    this.code = code;
+    this.ref = ref;
+  }
+}
+
+/**
+ * Turn a path such as `/ws` into an absolute ws:// or wss:// URL on the page's own origin.
+ * @param {string} url
+ * @param {string} [base]
+ * @returns {string}
+ */
+export function resolveSocketUrl(url, base = globalThis.location?.href) {
+  const resolved = new URL(url, base);
+  if (resolved.protocol === 'http:') resolved.protocol = 'ws:';
+  else if (resolved.protocol === 'https:') resolved.protocol = 'wss:';
+  return resolved.href;
+}
+
+/**
+ * A subscription as the caller sees it. It outlives connections: the client re-sends it after every reconnect.
+ */
+export class Subscription {
+  #record;
+  #detach;
+
+  /** @param {SubRecord} record @param {() => void} detach */
+  constructor(record, detach) {
+    this.#record = record;
+    this.#detach = detach;
+  }
+
+  /** @returns {string} the subscription id used on the wire */
+  get id() {
+    return this.#record.id;
+  }
+
+  /** @returns {number | null} the last position delivered to the handlers (null before the first one) */
+  get seq() {
+    return this.#record.lastSeq;
+  }
+
+  /** @returns {'pending' | 'live' | 'closed' | 'failed'} */
+  get state() {
+    return this.#record.phase;
+  }
+
+  /** Stop receiving frames. Safe to call more than once. */
+  unsubscribe() {
+    this.#detach();
+  }
+}
+
+/**
+ * @typedef {object} SubRecord
+ * @property {string} id
+ * @property {string} table
+ * @property {Op[] | undefined} events
+ * @property {Condition[] | undefined} filter
+ * @property {Handlers} handlers
+ * @property {number | null} lastSeq       highest seq delivered; the resume point
+ * @property {boolean} needSnapshot        true until a complete snapshot has been delivered (if one is wanted)
+ * @property {'pending' | 'live' | 'closed' | 'failed'} phase
+ * @property {unknown} ref                  ref of the subscribe request in flight on this connection
+ * @property {Record<string, unknown>[]} chunks  snapshot rows received so far on this connection
+ */
+
+export class RealtimeClient {
+  #url;
+  #options;
+  #WebSocket;
+  /** @type {WebSocket | null} */
+  #ws = null;
+  /** whether #ws got as far as `open` */
+  #opened = false;
+  /** @type {Status} */
+  #status = 'offline';
+  /** @type {Map<string, Set<Function>>} */
+  #listeners = new Map();
+  /** @type {Map<string, SubRecord>} active subscriptions by id */
+  #subs = new Map();
+  /** ids unsubscribed on this connection whose `unsubscribed` reply has not come back yet */
+  #draining = new Set();
+  /** @type {Map<unknown, {kind: 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}>} */
+  #pending = new Map();
+  #nextRef = 1;
+  #nextSubId = 1;
+  #attempt = 0;
+  #everLive = false;
+  /** true between connect() and close(): the caller wants a connection */
+  #wanted = false;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  #retryTimer = null;
+  /** @type {ReturnType<typeof setInterval> | null} */
+  #pingTimer = null;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  #pongTimer = null;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  #connectTimer = null;
+
+  /**
+   * Create a client. Nothing happens until `connect()`.
+   * @param {string} url  `ws://…`, `wss://…`, or a path such as `/ws` on the page's origin
+   * @param {ClientOptions} [options]
+   */
+  constructor(url, options = {}) {
+    this.#url = resolveSocketUrl(url);
+    this.#options = {
+      pingInterval: options.pingInterval ?? DEFAULTS.pingInterval,
+      pongTimeout: options.pongTimeout ?? DEFAULTS.pongTimeout,
+      connectTimeout: options.connectTimeout ?? DEFAULTS.connectTimeout,
+      backoff: { ...DEFAULTS.backoff, ...options.backoff },
+    };
+    this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+  }
+
+  /** @returns {Status} */
+  get status() {
+    return this.#status;
+  }
+
+  /**
+   * Listen to client-level events. Returns a function that removes the listener.
+   *   `status` (status: Status)          every change of connection state
+   *   `disconnect` (info: DisconnectInfo) a socket closed (a reconnect follows unless offline)
+   *   `error` (err: RealtimeError)        a problem not tied to one subscription's handlers
+   * @overload
+   * @param {'status'} type
+   * @param {(status: Status) => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @overload
+   * @param {'disconnect'} type
+   * @param {(info: DisconnectInfo) => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @overload
+   * @param {'error'} type
+   * @param {(err: RealtimeError) => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @param {string} type
+   * @param {Function} listener
+   * @returns {() => void}
+   */
+  on(type, listener) {
+    let set = this.#listeners.get(type);
+    if (!set) this.#listeners.set(type, (set = new Set()));
+    set.add(listener);
+    return () => set.delete(listener);
+  }
+
+  /**
+   * Open the connection (idempotent). Subscriptions made before or after are sent once it is open.
+   * @returns {this}
+   */
+  connect() {
+    if (!this.#wanted) {
+      this.#wanted = true;
+      globalThis.addEventListener?.('online', this.#onOnline);
+      globalThis.addEventListener?.('offline', this.#onOffline);
+    }
+    if (this.#ws || this.#retryTimer) return this;
+    if (this.#browserOffline()) this.#setStatus('offline');
+    else this.#open();
+    return this;
+  }
+
+  /**
+   * Close the connection and stop reconnecting; status becomes `offline`. Subscriptions are kept, with their
+   * positions, so a later `connect()` resumes them without loss.
+   */
+  close() {
+    this.#wanted = false;
+    globalThis.removeEventListener?.('online', this.#onOnline);
+    globalThis.removeEventListener?.('offline', this.#onOffline);
+    this.#abandonSocket(1000, 'client closed');
+    this.#setStatus('offline');
+  }
+
+  /**
+   * Subscribe to changes of one table.
+   * @param {SubscribeSpec} spec
+   * @param {Handlers} [handlers]
+   * @returns {Subscription}
+   */
+  subscribe(spec, handlers = {}) {
+    if (!spec || typeof spec.table !== 'string' || spec.table === '') {
+      throw new TypeError('subscribe: `table` is required');
+    }
+    if (spec.snapshot && spec.since != null) {
+      throw new TypeError('subscribe: `since` and `snapshot` cannot be combined');
+    }
+    if (spec.events && (spec.events.length === 0 || spec.events.some((op) => !OPS.includes(op)))) {
+      throw new TypeError(`subscribe: \`events\` must be a non-empty subset of ${OPS.join(', ')}`);
+    }
+    const id = spec.id ?? this.#generateId();
+    if (this.#subs.has(id) || this.#draining.has(id)) {
+      // A reused id would let frames of the old subscription, still in flight, land in the new one.
+      throw new Error(`subscribe: id "${id}" is still in use on this client`);
+    }
+    /** @type {SubRecord} */
+    const record = {
+      id,
+      table: spec.table,
+      events: spec.events,
+      filter: spec.filter,
+      handlers,
+      lastSeq: spec.since ?? null,
+      needSnapshot: Boolean(spec.snapshot),
+      phase: 'pending',
+      ref: null,
+      chunks: [],
+    };
+    this.#subs.set(id, record);
+    if (this.#isOpen()) this.#sendSubscribe(record);
+    return new Subscription(record, () => this.#unsubscribe(record));
+  }
+
+  // ── connection ─────────────────────────────────────────────────────────────────────────────────────────
+
+  #open() {
+    this.#setStatus(this.#everLive ? 'reconnecting' : 'connecting');
+    let ws;
+    try {
+      ws = new this.#WebSocket(this.#url);
+    } catch (cause) {
+      // A malformed URL or a missing WebSocket throws here. Report it and keep retrying like any failure,
+      // so the status stays truthful (never `live`) and a transient cause can still recover.
+      this.#emit('error', new RealtimeError('connect_failed', String(cause)));
+      this.#scheduleRetry();
+      return;
+    }
+    this.#ws = ws;
+    // A handshake into a black hole can hang for minutes before the browser gives up; we give up sooner.
+    this.#connectTimer = setTimeout(() => {
+      this.#connectTimer = null;
+      this.#giveUp('connect timeout');
+    }, this.#options.connectTimeout);
+    // Handlers check `ws === this.#ws` so a socket we already gave up on can no longer touch our state.
+    ws.onopen = () => {
+      if (ws !== this.#ws) return;
+      if (this.#connectTimer) clearTimeout(this.#connectTimer);
+      this.#connectTimer = null;
+      this.#opened = true;
+      this.#everLive = true;
+      this.#setStatus('live');
+      this.#startHeartbeat();
+      for (const record of this.#subs.values()) this.#sendSubscribe(record);
+    };
+    ws.onmessage = (event) => {
+      if (ws === this.#ws) this.#onMessage(event.data);
+    };
+    ws.onclose = (event) => {
+      if (ws === this.#ws) this.#lost(event.code, event.reason);
+    };
+    // An `error` event is always followed by `close`, which does the work.
+    ws.onerror = null;
+  }
+
+  /**
+   * The socket is gone (closed by the server, the network, or us after a missing pong): resume later.
+   * @param {number} code
+   * @param {string} reason
+   */
+  #lost(code, reason) {
+    const wasOpen = this.#opened;
+    this.#dropSocketState();
+    if (wasOpen) {
+      const match = /last_seq=(\d+)/.exec(reason || '');
+      this.#emit('disconnect', { code, reason, serverLastSeq: match ? Number(match[1]) : null });
+    }
+    if (!this.#wanted || this.#browserOffline()) {
+      this.#setStatus('offline');
+      return;
+    }
+    // 1012 (server restarting) and 4008 (we read too slowly) need nothing special: every subscription
+    // resumes from its own last seq, which is at least as precise as the server's `last_seq`.
+    this.#setStatus(this.#everLive ? 'reconnecting' : 'connecting');
+    this.#scheduleRetry();
+  }
+
+  /** Full-jitter backoff: a uniform delay in [0, min(max, initial·2^attempt)) spreads a reconnect storm. */
+  #scheduleRetry() {
+    const { initial, max } = this.#options.backoff;
+    const ceiling = Math.min(max, initial * 2 ** Math.min(this.#attempt, MAX_EXPONENT));
+    this.#attempt += 1;
+    const delay = Math.random() * ceiling;
+    this.#retryTimer = setTimeout(() => {
+      this.#retryTimer = null;
+      this.#open();
+    }, delay);
+  }
+
+  /**
+   * Stop using the current socket now, without waiting for a closing handshake a dead link would never finish.
+   * @param {number} code
+   * @param {string} reason
+   */
+  #abandonSocket(code, reason) {
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    this.#closeQuietly(code, reason);
+    this.#dropSocketState();
+  }
+
+  /**
+   * The link did not answer in time: close it and go through the normal loss path (event, status, retry).
+   * @param {string} reason
+   */
+  #giveUp(reason) {
+    this.#closeQuietly(CLOSE_NO_ANSWER, reason);
+    this.#lost(CLOSE_NO_ANSWER, reason);
+  }
+
+  /**
+   * Close the socket with its handlers detached, so its late events cannot reach us.
+   * @param {number} code  1000 or 3000-4999: browsers refuse any other code from a client
+   * @param {string} reason
+   */
+  #closeQuietly(code, reason) {
+    const ws = this.#ws;
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try {
+      ws.close(code, reason);
+    } catch {
+      // Some engines throw when closing a socket that is still connecting; it is discarded either way.
+    }
+  }
+
+  /** Forget everything that only made sense on the socket that just ended. */
+  #dropSocketState() {
+    this.#ws = null;
+    this.#opened = false;
+    if (this.#pingTimer) clearInterval(this.#pingTimer);
+    if (this.#pongTimer) clearTimeout(this.#pongTimer);
+    if (this.#connectTimer) clearTimeout(this.#connectTimer);
+    this.#pingTimer = this.#pongTimer = this.#connectTimer = null;
+    this.#pending.clear();
+    this.#draining.clear();
+    for (const record of this.#subs.values()) {
+      // A half-received snapshot is useless: the next connection asks for a new one (lastSeq is still null).
+      record.phase = 'pending';
+      record.ref = null;
+      record.chunks = [];
+    }
+  }
+
+  #startHeartbeat() {
+    const { pingInterval, pongTimeout } = this.#options;
+    this.#pingTimer = setInterval(() => {
+      if (this.#pongTimer) return; // the previous ping is still waiting; its timeout decides
+      const ref = this.#send({ type: 'ping' }, { kind: 'ping' });
+      if (ref == null) return;
+      this.#pongTimer = setTimeout(() => {
+        this.#pongTimer = null;
+        // A half-open TCP link can stay "open" for minutes; no pong is the only reliable sign it is dead.
+        this.#giveUp('no pong');
+      }, pongTimeout);
+    }, pingInterval);
+  }
+
+  #onOnline = () => {
+    if (!this.#wanted || this.#ws) return;
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryTimer = null;
+    this.#attempt = 0; // the network just came back; waiting out an old backoff would only add delay
+    this.#open();
+  };
+
+  #onOffline = () => {
+    if (!this.#wanted) return;
+    this.#abandonSocket(1000, 'browser offline');
+    this.#setStatus('offline');
+  };
+
+  #browserOffline() {
+    return globalThis.navigator?.onLine === false;
+  }
+
+  #isOpen() {
+    return this.#ws !== null && this.#ws.readyState === 1; // WebSocket.OPEN, without needing the global
+  }
+
+  // ── frames out ─────────────────────────────────────────────────────────────────────────────────────────
+
+  /**
+   * Send one message with a fresh `ref`, remembering what it was for. Returns the ref, or null if not open.
+   * @param {Record<string, unknown>} message
+   * @param {{kind: 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}} purpose
+   */
+  #send(message, purpose) {
+    if (!this.#isOpen()) return null;
+    const ref = this.#nextRef++;
+    this.#pending.set(ref, purpose);
+    /** @type {WebSocket} */ (this.#ws).send(JSON.stringify({ ...message, ref }));
+    return ref;
+  }
+
+  /** @param {SubRecord} record */
+  #sendSubscribe(record) {
+    /** @type {Record<string, unknown>} */
+    const message = { type: 'subscribe', id: record.id, table: record.table };
+    if (record.events) message.events = record.events;
+    if (record.filter) message.filter = record.filter;
+    // Once we hold a position, `since` makes the server replay exactly the gap: nothing lost, nothing twice.
+    if (record.lastSeq != null) message.since = record.lastSeq;
+    else if (record.needSnapshot) message.snapshot = true;
+    record.phase = 'pending';
+    record.chunks = [];
+    record.ref = this.#send(message, { kind: 'subscribe', record });
+  }
+
+  /** @param {SubRecord} record */
+  #unsubscribe(record) {
+    if (this.#subs.get(record.id) !== record) return;
+    this.#subs.delete(record.id);
+    record.phase = 'closed';
+    if (this.#send({ type: 'unsubscribe', id: record.id }, { kind: 'unsubscribe', record }) != null) {
+      this.#draining.add(record.id);
+    }
+  }
+
+  #generateId() {
+    let id;
+    do id = `s${this.#nextSubId++}`;
+    while (this.#subs.has(id) || this.#draining.has(id));
+    return id;
+  }
+
+  // ── frames in ──────────────────────────────────────────────────────────────────────────────────────────
+
+  /** @param {unknown} data */
+  #onMessage(data) {
+    let frame;
+    try {
+      frame = JSON.parse(/** @type {string} */ (data));
+    } catch {
+      this.#emit('error', new RealtimeError('bad_frame', 'the server sent a frame that is not JSON'));
+      return;
+    }
+    if (!frame || typeof frame !== 'object') return;
+    // The server answered, so this connection works: the next failure starts again from the shortest delay.
+    this.#attempt = 0;
+    switch (frame.type) {
+      case 'snapshot':
+        return this.#onSnapshot(frame);
+      case 'subscribed':
+        return this.#onSubscribed(frame);
+      case 'change':
+        return this.#onChange(frame);
+      case 'unsubscribed':
+        this.#pending.delete(frame.ref);
+        this.#draining.delete(frame.id);
+        return;
+      case 'pong':
+        if (this.#pending.get(frame.ref)?.kind === 'ping') {
+          this.#pending.delete(frame.ref);
+          if (this.#pongTimer) clearTimeout(this.#pongTimer);
+          this.#pongTimer = null;
+        }
+        return;
+      case 'error':
+        return this.#onError(frame);
+      default:
+        // Unknown frame types are ignored so an older client keeps working against a newer server.
+        return;
+    }
+  }
+
+  /** @param {any} frame */
+  #onSnapshot(frame) {
+    const record = this.#subs.get(frame.id);
+    if (!record || record.phase !== 'pending') return;
+    for (const row of frame.rows ?? []) record.chunks.push(row);
+    if (!frame.last) return;
+    const rows = record.chunks;
+    record.chunks = [];
+    // Only a complete snapshot gives a resume point; a partial one is discarded on disconnect.
+    record.lastSeq = frame.seq;
+    record.needSnapshot = false;
+    call(record.handlers.snapshot, rows, frame.seq);
+  }
+
+  /** @param {any} frame */
+  #onSubscribed(frame) {
+    this.#pending.delete(frame.ref);
+    const record = this.#subs.get(frame.id);
+    // Ignore a reply that answers an earlier subscribe of this id rather than the one in flight.
+    if (!record || (frame.ref != null && record.ref !== frame.ref)) return;
+    record.phase = 'live';
+    // Live from `seq` means nothing that matches lies between our position and it, so moving up is safe.
+    if (typeof frame.seq === 'number' && (record.lastSeq == null || frame.seq > record.lastSeq)) {
+      record.lastSeq = frame.seq;
+    }
+    call(record.handlers.subscribed, frame.seq);
+  }
+
+  /** @param {any} frame */
+  #onChange(frame) {
+    const record = this.#subs.get(frame.id);
+    if (!record) return; // unsubscribed; the frame was already in flight
+    // Safety net for the "never twice" promise, e.g. a replay overlapping what we already delivered.
+    if (record.lastSeq != null && frame.seq <= record.lastSeq) return;
+    record.lastSeq = frame.seq;
+    call(record.handlers.change, frame);
+  }
+
+  /** @param {any} frame */
+  #onError(frame) {
+    const purpose = frame.ref != null ? this.#pending.get(frame.ref) : undefined;
+    if (frame.ref != null) this.#pending.delete(frame.ref);
+    const err = new RealtimeError(frame.code ?? 'unknown', frame.message ?? '', frame.ref);
+
+    if (purpose?.kind === 'unsubscribe') {
+      // not_subscribed: the server had already dropped it (its subscribe failed). Either way it is gone.
+      this.#draining.delete(frame.id ?? purpose.record?.id);
+      return;
+    }
+    const record = frame.id != null ? this.#subs.get(frame.id) : purpose?.record;
+    const aboutCurrentAttempt = record && (frame.ref == null || record.ref === frame.ref);
+    if (!record || !aboutCurrentAttempt) {
+      this.#emit('error', err);
+      return;
+    }
+    if (err.code === 'cursor_expired') {
+      // The gap can no longer be replayed. Start over from a snapshot and say so, rather than skip silently.
+      record.lastSeq = null;
+      record.needSnapshot = true;
+      call(record.handlers.reset);
+      if (this.#subs.get(record.id) === record) this.#sendSubscribe(record);
+      return;
+    }
+    // Any other refusal (bad filter, unknown table, limits) will not fix itself on retry.
+    this.#subs.delete(record.id);
+    record.phase = 'failed';
+    if (record.handlers.error) call(record.handlers.error, err);
+    else this.#emit('error', err);
+  }
+
+  // ── events ─────────────────────────────────────────────────────────────────────────────────────────────
+
+  /** @param {Status} status */
+  #setStatus(status) {
+    if (status === this.#status) return;
+    this.#status = status;
+    this.#emit('status', status);
+  }
+
+  /** @param {string} type @param {unknown} value */
+  #emit(type, value) {
+    for (const listener of this.#listeners.get(type) ?? []) call(listener, value);
+  }
+}
+
+/**
+ * Run a caller's callback so that its exception is reported but cannot corrupt the client's bookkeeping.
+ * @param {Function | undefined} fn
+ * @param {...unknown} args
+ */
+function call(fn, ...args) {
+  if (!fn) return;
+  try {
+    fn(...args);
+  } catch (error) {
+    if (typeof globalThis.reportError === 'function') globalThis.reportError(error);
+    else setTimeout(() => { throw error; });
+  }
+}
