@@ -7,8 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: run test test-pg15 lint format bench install browser clean
 
+# Debian splits venv support into python3-venv; install it when we can rather than fail on a fresh machine.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { rm -rf $(VENV); \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && $(PYTHON) -m venv $(VENV); \
+		else echo "python3 -m venv failed: install python3-venv (Debian/Ubuntu) and retry" >&2; exit 1; fi; }
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
