@@ -16,7 +16,9 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+import asyncpg
 from fastapi import APIRouter, WebSocket
+from sqlalchemy.exc import SQLAlchemyError
 
 from realtime.stream import changelog
 from realtime.stream.changelog import CursorExpired, StreamedTable
@@ -38,6 +40,7 @@ from realtime.stream.protocol import (
 )
 
 router = APIRouter()
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError)
 _log = logging.getLogger(__name__)
 
 
@@ -126,11 +129,26 @@ class ClientSession:
         def refuse(code: str, message: str) -> ProtocolError:
             return ProtocolError(code, message, ref=request.ref, sub_id=request.id)
 
+        try:
+            await self._subscribe_or_refuse(request, refuse)
+        except DATABASE_ERRORS as error:
+            _log.warning("subscribe %r failed: %s: %s", request.id, type(error).__name__, error)
+            raise refuse("unavailable", "the database could not be reached; retry shortly") from None
+
+    async def _subscribe_or_refuse(self, request: Subscribe, refuse: Callable[[str, str], ProtocolError]) -> None:
+
         settings = self._pipeline.settings
         if request.id in self._subscriptions:
             raise refuse("duplicate_id", f"subscription {request.id!r} is already open on this connection")
         if len(self._subscriptions) >= settings.ws_max_subscriptions:
             raise refuse("too_many_subscriptions", f"at most {settings.ws_max_subscriptions} per connection")
+        if not self._pipeline.listener.connected_once.is_set():
+            # Until the listener knows the current position, "live from N" could not be promised truthfully.
+            try:
+                async with asyncio.timeout(settings.listener_heartbeat_timeout_s):
+                    await self._pipeline.listener.connected_once.wait()
+            except TimeoutError:
+                raise refuse("unavailable", "the change stream is not connected yet; retry shortly") from None
         table = await self._pipeline.catalog.lookup(request.table)
         if table is None:
             raise refuse("unknown_table", f"table {request.table.wire_name!r} does not exist or does not stream")
