@@ -27,7 +27,8 @@ def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
         pool_size=settings.pool_size,
         max_overflow=settings.pool_max_overflow,
         pool_timeout=settings.pool_timeout,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per request. A connection found dead mid-request fails that request
+        # with 503 and is discarded by the pool, so the next request gets a fresh one.
         connect_args={"server_settings": server_settings},
     )
 

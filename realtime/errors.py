@@ -12,6 +12,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -174,6 +176,24 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
 
 
+async def _on_database(request: Request, exc: Exception) -> JSONResponse:
+    """Connection loss, pool exhaustion and statement timeouts are the database's state, not a bug: 503."""
+    if _is_unavailable(exc):
+        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(503, "the database is unavailable or overloaded; retry shortly")
+    return await _on_unexpected(request, exc)
+
+
+def _is_unavailable(exc: Exception) -> bool:
+    if isinstance(exc, sqlalchemy.exc.TimeoutError | sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    cause = getattr(exc, "orig", None) or exc.__cause__
+    unavailable = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.QueryCanceledError)
+    return isinstance(cause, unavailable) or isinstance(getattr(cause, "__cause__", None), unavailable)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     _log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(500, "an unexpected error occurred; it has been logged")
@@ -184,4 +204,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
+    app.add_exception_handler(sqlalchemy.exc.SQLAlchemyError, _on_database)
+    app.add_exception_handler(OSError, _on_database)
     app.add_exception_handler(Exception, _on_unexpected)
