@@ -37,6 +37,10 @@ _log = logging.getLogger(__name__)
 CHANNEL = "realtime_changes"
 APPLICATION_NAME = "realtime-listener"
 State = Literal["connecting", "live", "reconnecting", "stopped"]
+# What a lost link looks like. InternalClientError belongs here: when a backend is terminated while the connection
+# is idle, asyncpg can take in the FATAL before it notices the socket closing, and the next query then fails with
+# "another operation is in progress" instead of a connection error.
+_LINK_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,7 @@ class Listener:
                 was_live = False
                 try:
                     await self._session()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+                except _LINK_ERRORS as error:
                     was_live = self.state == "live"
                     self._note_lost(error)
                 if was_live:  # a link that worked starts its retries from the shortest delay again
