@@ -11,8 +11,10 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from realtime import migrate
 from realtime.config import Settings, get_settings
@@ -161,12 +163,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(Exception):
+    """SIGTERM arrived: unwind through every `finally` (which stops an embedded PostgreSQL) instead of dying."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM's default action ends the process on the spot, skipping cleanup. uvicorn swaps in its own handler
+    # while it serves and, after its graceful shutdown, puts this one back and re-sends the signal to itself.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return int(args.handler(args))
     except KeyboardInterrupt:
         return 130
+    except _Terminated:
+        # Stopping is what SIGTERM asks of a server; for a one-shot command it means the work was cut short.
+        return 0 if args.command == "serve" else 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
