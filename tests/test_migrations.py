@@ -1,0 +1,123 @@
+"""Migrations on fresh databases of their own: up to head, down to base leaving nothing behind, and up again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from realtime import migrate
+from realtime.dsn import Dsn
+from tests.support.databases import create_database, drop_database
+
+HEAD = "0002_capture"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fresh_url(admin_url: Dsn) -> Iterator[Dsn]:
+    """An empty database, dropped after the test."""
+    url = create_database(admin_url, prefix="rt_mig")
+    try:
+        yield url
+    finally:
+        drop_database(admin_url, url)
+
+
+async def _objects(url: Dsn) -> dict[str, object]:
+    """What the migrations may have left in the database, as plain values."""
+    conn = await asyncpg.connect(url.asyncpg())
+    try:
+        return {
+            "users": await conn.fetchval("SELECT to_regclass('public.users') IS NOT NULL"),
+            "schema": await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname = 'realtime'"),
+            "users_touch": await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = 'users_touch'"),
+            "capture_triggers": await conn.fetchval(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture'"
+            ),
+            "streamed": [
+                f"{row[0]}.{row[1]}"
+                for row in await conn.fetch(
+                    "SELECT table_schema, table_name FROM realtime.streamed_tables ORDER BY 1, 2"
+                )
+            ]
+            if await conn.fetchval("SELECT to_regclass('realtime.streamed_tables') IS NOT NULL")
+            else None,
+            "revision": await conn.fetchval("SELECT version_num FROM alembic_version")
+            if await conn.fetchval("SELECT to_regclass('public.alembic_version') IS NOT NULL")
+            else None,
+        }
+    finally:
+        await conn.close()
+
+
+def objects(url: Dsn) -> dict[str, object]:
+    return asyncio.run(_objects(url))
+
+
+MIGRATED = {
+    "users": True,
+    "schema": 1,
+    "users_touch": 1,
+    "capture_triggers": 1,
+    "streamed": ["public.users"],
+    "revision": HEAD,
+}
+EMPTY = {"users": False, "schema": 0, "users_touch": 0, "capture_triggers": 0, "streamed": None, "revision": None}
+
+
+def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
+    """Head creates users, its trigger and the realtime schema; base removes all of it; head works again."""
+    migrate.upgrade(fresh_url)
+    assert objects(fresh_url) == MIGRATED
+    migrate.downgrade(fresh_url, "base")
+    assert objects(fresh_url) == EMPTY
+    migrate.upgrade(fresh_url)
+    assert objects(fresh_url) == MIGRATED
+
+
+def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
+    """Downgrading only the capture revision keeps users (and its touch trigger) and drops the realtime schema."""
+    migrate.upgrade(fresh_url, "0001_users")
+    assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
+    migrate.upgrade(fresh_url)
+    migrate.downgrade(fresh_url, "0001_users")
+    assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
+
+
+def test_upgrade_at_head_is_a_no_op(fresh_url: Dsn) -> None:
+    """Upgrading a database already at head changes nothing (serve migrates on every start)."""
+    migrate.upgrade(fresh_url)
+    migrate.upgrade(fresh_url)
+    assert objects(fresh_url) == MIGRATED
+
+
+def _cli_environment(url: Dsn) -> dict[str, str]:
+    return {**os.environ, "DATABASE_URL": url.libpq(), "LOG_LEVEL": "warning"}
+
+
+def test_realtime_migrate_cli_upgrades_and_downgrades(fresh_url: Dsn, tmp_path: Path) -> None:
+    """`realtime migrate` with DATABASE_URL migrates to head from any directory; `--down base` reverts it."""
+    command = [sys.executable, "-m", "realtime", "migrate"]
+    env = _cli_environment(fresh_url)
+    up = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert up.returncode == 0, up.stderr
+    assert objects(fresh_url) == MIGRATED
+    down = subprocess.run([*command, "--down", "base"], env=env, cwd=tmp_path, capture_output=True, timeout=60)
+    assert down.returncode == 0, down.stderr
+    assert objects(fresh_url) == EMPTY
+
+
+def test_alembic_command_uses_alembic_ini(fresh_url: Dsn) -> None:
+    """Plain `alembic upgrade head` from the repository root (alembic.ini, DATABASE_URL) reaches the same head."""
+    command = [sys.executable, "-m", "alembic", "upgrade", "head"]
+    env = _cli_environment(fresh_url)
+    result = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert objects(fresh_url) == MIGRATED
