@@ -38,6 +38,7 @@ from realtime.stream.protocol import (
     reply_frame,
     snapshot_frame,
 )
+from realtime.stream.wire import encode_text_frame, sink_for
 
 router = APIRouter()
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError)
@@ -49,10 +50,15 @@ async def stream(websocket: WebSocket) -> None:
     pipeline: StreamPipeline = websocket.state.stream
     settings = pipeline.settings
     await websocket.accept()
-    outbox = Outbox(websocket.send, max_frames=settings.ws_queue_size, abort=_transport_aborter(websocket))
+    outbox = Outbox(
+        sink_for(websocket._send),
+        websocket.send,
+        max_frames=settings.ws_queue_size,
+        send_timeout=settings.ws_send_timeout_s,
+    )
     session = ClientSession(pipeline, outbox)
     pipeline.hub.attach(outbox)
-    writer = asyncio.create_task(outbox.run(close_timeout=settings.shutdown_timeout_s))
+    writer = asyncio.create_task(outbox.run())
     reader = asyncio.create_task(session.read_frames(websocket))
     try:
         await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
@@ -70,21 +76,6 @@ async def stream(websocket: WebSocket) -> None:
         await asyncio.gather(reader, writer, return_exceptions=True)
         if reader.done() and not reader.cancelled() and reader.exception() is not None:
             _log.error("WebSocket reader failed", exc_info=reader.exception())
-
-
-def _transport_aborter(websocket: WebSocket) -> Callable[[], None]:
-    """A way to drop the TCP connection of a peer that reads nothing (even a close frame would never leave).
-
-    ASGI has no abort; uvicorn's send callable is a method of its protocol object, which owns the transport.
-    """
-    protocol = getattr(websocket._send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
-
-    def abort() -> None:
-        if transport is not None:
-            transport.abort()
-
-    return abort
 
 
 class ClientSession:
@@ -109,11 +100,12 @@ class ClientSession:
                     raise ProtocolError("frame_too_large", f"frames are limited to {max_bytes} bytes")
                 await self._handle(parse_client_message(text))
             except ProtocolError as error:
-                await self._outbox.put(error_frame(error.code, error.message, ref=error.ref, sub_id=error.sub_id))
+                frame = error_frame(error.code, error.message, ref=error.ref, sub_id=error.sub_id)
+                await self._outbox.put(encode_text_frame(frame))
 
     async def _handle(self, request: Subscribe | Unsubscribe | Ping) -> None:
         if isinstance(request, Ping):
-            await self._outbox.put(reply_frame("pong", request.ref))
+            await self._outbox.put(encode_text_frame(reply_frame("pong", request.ref)))
         elif isinstance(request, Unsubscribe):
             sub = self._subscriptions.pop(request.id, None)
             if sub is None:
@@ -121,7 +113,7 @@ class ClientSession:
                     "not_subscribed", f"no subscription {request.id!r} on this connection", ref=request.ref
                 )
             self._pipeline.hub.remove(sub)
-            await self._outbox.put(reply_frame("unsubscribed", request.ref, id=request.id))
+            await self._outbox.put(encode_text_frame(reply_frame("unsubscribed", request.ref, id=request.id)))
         else:
             await self._subscribe(request)
 
@@ -182,7 +174,8 @@ class ClientSession:
         except BaseException:
             self._drop(sub)
             raise
-        await self._outbox.put(reply_frame("subscribed", request.ref, id=request.id, seq=position), position)
+        subscribed = reply_frame("subscribed", request.ref, id=request.id, seq=position)
+        await self._outbox.put(encode_text_frame(subscribed), position)
         sub.go_live(position)
 
     async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
@@ -192,18 +185,21 @@ class ClientSession:
             previous: tuple[int, list[str]] | None = None
             async for chunk in changelog.snapshot(conn, table, sub.filter, chunk_rows):
                 if previous is not None:
-                    await self._outbox.put(snapshot_frame(sub.id, previous[0], previous[1], last=False), previous[0])
+                    chunk_frame = snapshot_frame(sub.id, previous[0], previous[1], last=False)
+                    await self._outbox.put(encode_text_frame(chunk_frame), previous[0])
                 previous = chunk
             assert previous is not None
             position = previous[0]
-            await self._outbox.put(snapshot_frame(sub.id, position, previous[1], last=True), position)
+            await self._outbox.put(
+                encode_text_frame(snapshot_frame(sub.id, position, previous[1], last=True)), position
+            )
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
         async with self._pipeline.connection() as conn:
             async for change in changelog.replay(conn, sub.table, since, until):
                 if change.op in sub.events and (not sub.filter.conditions or sub.filter.matches(change.filter_row)):
-                    await self._outbox.put(change_frame(sub.id, change_body(change)), change.seq)
+                    await self._outbox.put(encode_text_frame(change_frame(sub.id, change_body(change))), change.seq)
         return max(since, until)
 
     def _drop(self, sub: Subscription) -> None:

@@ -24,6 +24,7 @@ from realtime.stream.changes import Change, TableKey
 from realtime.stream.filters import RowFilter, value_key
 from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
 from realtime.stream.protocol import change_body, change_frame
+from realtime.stream.wire import encode_text_frame
 
 _log = logging.getLogger(__name__)
 
@@ -37,9 +38,9 @@ class Subscription:
     outbox: Outbox
     max_pending: int
     position: int = 0
-    pending: list[tuple[int, str]] | None = field(default_factory=list)
+    pending: list[tuple[int, bytes]] | None = field(default_factory=list)
 
-    def deliver(self, seq: int, frame: str) -> None:
+    def deliver(self, seq: int, frame: bytes) -> None:
         if self.pending is not None:
             self.pending.append((seq, frame))
             if len(self.pending) > self.max_pending:
@@ -144,7 +145,7 @@ class Hub:
         if table is None:
             return
         body: str | None = None
-        frames: dict[str, str] = {}
+        frames: dict[str, bytes] = {}
         op = change.op
         for sub in table.candidates(change):
             if op not in sub.events:
@@ -155,12 +156,12 @@ class Hub:
             if frame is None:
                 if body is None:
                     body = change_body(change)
-                frame = frames[sub.id] = change_frame(sub.id, body)
+                frame = frames[sub.id] = encode_text_frame(change_frame(sub.id, body))
             sub.deliver(change.seq, frame)
 
-    def close_all(self, code: int, why: str) -> None:
+    def close_all(self, code: int, why: str, timeout: float) -> None:
         for outbox in list(self._outboxes):
-            outbox.close(code, why)
+            outbox.close(code, why, timeout)
 
     def expire_stuck_sends(self, now: float, send_timeout: float) -> int:
         """Close and abort connections whose current send has been blocked longer than `send_timeout`."""

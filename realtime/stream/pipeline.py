@@ -72,7 +72,7 @@ class StreamPipeline:
 
     async def stop(self) -> None:
         self._restore_signal_handlers()
-        self.hub.close_all(CLOSE_RESTARTING, "restarting")
+        self.hub.close_all(CLOSE_RESTARTING, "restarting", self.settings.shutdown_timeout_s)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.shutdown_timeout_s):
                 await self.hub.no_connections.wait()
@@ -91,7 +91,9 @@ class StreamPipeline:
                 continue
 
             def handler(sig: int, frame: FrameType | None, previous: Any = previous) -> None:
-                loop.call_soon_threadsafe(self.hub.close_all, CLOSE_RESTARTING, "restarting")
+                loop.call_soon_threadsafe(
+                    self.hub.close_all, CLOSE_RESTARTING, "restarting", self.settings.shutdown_timeout_s
+                )
                 previous(sig, frame)
 
             try:
