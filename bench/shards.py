@@ -1,0 +1,209 @@
+"""The harness side of the load generator: spawns `bench.loadgen` shards and merges what they measure.
+
+    SubscriberPool(...)  -> start(): spawn S shard processes
+                         -> open(n): split n subscribers across the shards (may be called again to add more)
+                         -> mark() ... run writers ... collect(): one merged Window
+                         -> close(): `quit` each shard, wait for it, kill it by pid if it hangs
+
+With two shards the subscribers' frame parsing runs on both cores, so the load generator stays ahead of a
+fast server; each shard reports its own CPU so a saturated one is visible in the results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import sys
+import tempfile
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from bench.servers import REPO_DIR, RunningServer
+
+
+@dataclass
+class OpenReport:
+    opened: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class Window:
+    """What every subscriber saw between mark() and the end of collect()."""
+
+    subscribers: int = 0
+    frames: int = 0
+    deliveries: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    unexpected: int = 0
+    errors: int = 0
+    lost: int = 0
+    closes: dict[str, int] = field(default_factory=dict)
+    first: float = 0.0
+    last: float = 0.0
+    cpu_s: float = 0.0  # all shards together
+    max_shard_busy: float = 0.0  # the busiest shard's CPU / wall: near 1.0 means the loadgen was the limit
+    drain_s: float = 0.0
+    latencies: array[float] = field(default_factory=lambda: array("d"))
+
+
+def _read(path: str) -> bytes:
+    # A shard's latencies are a few MB at most and read once per window, after the measured part.
+    return Path(path).read_bytes()
+
+
+class _ShardProcess:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lock = asyncio.Lock()
+
+    async def call(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        async with self.lock:
+            self.proc.stdin.write((json.dumps(command) + "\n").encode())
+            await self.proc.stdin.drain()
+            line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"loadgen shard {self.proc.pid} exited with {self.proc.returncode}")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+
+class SubscriberPool:
+    def __init__(
+        self, server: RunningServer, shards: int, *, filter_base: int | None = None, concurrency: int = 100
+    ) -> None:
+        self.server = server
+        self.shard_count = max(1, shards)
+        self.filter_base = filter_base
+        self.concurrency = concurrency
+        self.opened = 0
+        self._shards: list[_ShardProcess] = []
+        self._tmp = tempfile.TemporaryDirectory(prefix="bench-loadgen-")
+
+    async def __aenter__(self) -> SubscriberPool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        for index in range(self.shard_count):
+            config = {
+                "url": self.server.ws_url,
+                "kind": self.server.spec.kind,
+                "filter_base": self.filter_base,
+                "concurrency": self.concurrency,
+                "lat_path": str(Path(self._tmp.name) / f"lat-{index}.bin"),
+            }
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                json.dumps(config),
+                cwd=REPO_DIR,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+            )
+            self._shards.append(_ShardProcess(proc))
+
+    async def open(self, count: int, timeout: float = 600) -> OpenReport:
+        """Open `count` more subscribers, spread evenly; realtime ones are subscribed when this returns."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        per = math.ceil(count / self.shard_count)
+        calls = []
+        first = self.opened
+        remaining = count
+        for shard in self._shards:
+            n = min(per, remaining)
+            if n <= 0:
+                break
+            calls.append(shard.call({"cmd": "open", "first": first, "count": n}, timeout))
+            first += n
+            remaining -= n
+        replies = await asyncio.gather(*calls)
+        self.opened += count
+        report = OpenReport(seconds=loop.time() - started)
+        for reply in replies:
+            report.opened += reply["opened"]
+            report.failed += reply["failed"]
+            report.error = report.error or reply["error"]
+        return report
+
+    async def mark(self) -> None:
+        await asyncio.gather(*(s.call({"cmd": "mark"}, 30) for s in self._shards))
+
+    async def collect(
+        self,
+        *,
+        expected_per_sub: int | None = None,
+        expected_by_key: dict[int, int] | None = None,
+        frames_per_sub: int | None = None,
+        quiet_s: float = 2.0,
+        deadline_s: float = 60.0,
+    ) -> Window:
+        """Wait for the window's changes to arrive and merge the shards' counts.
+
+        `expected_per_sub`: every subscriber should see this many changes. `expected_by_key`: filtering
+        subscribers should see this many changes of their row id. With neither, shards wait for quiet.
+        `frames_per_sub`: also wait for this many change frames per subscriber, dropped ones included.
+        """
+        command: dict[str, Any] = {"cmd": "collect", "quiet_s": quiet_s, "deadline_s": deadline_s}
+        if expected_per_sub is not None:
+            command["expected_per_sub"] = expected_per_sub
+        if expected_by_key is not None:
+            command["expected_by_key"] = {str(k): v for k, v in expected_by_key.items()}
+        if frames_per_sub is not None:
+            command["frames_per_sub"] = frames_per_sub
+        replies = await asyncio.gather(*(s.call(command, deadline_s + 60) for s in self._shards))
+        merged = Window()
+        for reply in replies:
+            merged.subscribers += reply["subscribers"]
+            merged.frames += reply["frames"]
+            merged.deliveries += reply["deliveries"]
+            merged.duplicates += reply["duplicates"]
+            merged.out_of_order += reply["out_of_order"]
+            merged.unexpected += reply["unexpected"]
+            merged.errors += reply["errors"]
+            merged.lost += reply["lost"]
+            for code, n in reply["closes"].items():
+                merged.closes[code] = merged.closes.get(code, 0) + n
+            if reply["first"]:
+                merged.first = min(merged.first or reply["first"], reply["first"])
+            merged.last = max(merged.last, reply["last"])
+            merged.cpu_s += reply["cpu_s"]
+            merged.drain_s = max(merged.drain_s, reply["drain_s"])
+            if reply["wall_s"] > 0:
+                merged.max_shard_busy = max(merged.max_shard_busy, reply["cpu_s"] / reply["wall_s"])
+            merged.latencies.frombytes(_read(reply["lat_path"]))
+        return merged
+
+    async def live(self) -> int:
+        replies = await asyncio.gather(*(s.call({"cmd": "status"}, 30) for s in self._shards))
+        return sum(int(r["live"]) for r in replies)
+
+    async def close(self) -> None:
+        for shard in self._shards:
+            with contextlib.suppress(Exception):
+                await shard.call({"cmd": "quit"}, 30)
+            try:
+                await asyncio.wait_for(shard.proc.wait(), 30)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    shard.proc.kill()
+                await shard.proc.wait()
+        self._shards.clear()
+        self._tmp.cleanup()
