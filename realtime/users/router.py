@@ -21,10 +21,11 @@ IfMatch = Annotated[
 
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The problem responses of a route, plus 503: every route needs the database (see errors._on_database)."""
     # `model` registers the Problem schema (FastAPI files it under application/json); the body is actually
     # served as application/problem+json, so that media type gets the schema too.
     content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {code: {"model": Problem, "content": content} for code in codes}
+    return {code: {"model": Problem, "content": content} for code in (*codes, 503)}
 
 
 @router.post(

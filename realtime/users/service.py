@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from realtime.errors import Conflict, NotFound, PreconditionFailed
@@ -14,6 +16,13 @@ def etag(user: User) -> str:
     return f'"{user.version}"'
 
 
+# One of our entity tags exactly as `etag()` writes it: a quoted ASCII decimal without leading zeros (tags
+# compare as strings, so "01" is not "1"), in the range of the `integer` column. (str.isdigit() would also
+# accept "²", which int() then refuses: that was a 500.)
+_TAG = re.compile(r'"([1-9][0-9]{0,9})"')
+_MAX_VERSION = 2**31 - 1
+
+
 def expected_versions(if_match: str | None) -> frozenset[int] | None:
     """The versions an If-Match header accepts; None means unconditional (absent header or `*`).
 
@@ -24,9 +33,9 @@ def expected_versions(if_match: str | None) -> frozenset[int] | None:
         return None
     versions = set()
     for tag in if_match.split(","):
-        tag = tag.strip()
-        if len(tag) >= 3 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit() and len(tag) < 12:
-            versions.add(int(tag[1:-1]))
+        match = _TAG.fullmatch(tag.strip())
+        if match and int(match[1]) <= _MAX_VERSION:
+            versions.add(int(match[1]))
     return frozenset(versions)
 
 
