@@ -106,17 +106,24 @@ BODIES = (
 )
 
 
-# Header values: well-formed tag lists, `*`, and any printable ASCII (what an HTTP client can send at all).
+# Header values: well-formed tag lists (some beyond the integer range of versions), `*`, and any visible
+# Latin-1 text (what HTTP can carry; Latin-1 holds digits such as "²" that str.isdigit() accepts).
+VISIBLE_LATIN_1 = st.characters(codec="latin-1", exclude_categories=["Cc", "Zs", "Zl", "Zp"])
 IF_MATCH = (
     st.none()
     | st.just("*")
     | st.lists(st.integers(0, 2**40), min_size=1, max_size=3).map(lambda vs: ", ".join(f'"{v}"' for v in vs))
-    | st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=20)
+    | st.text(VISIBLE_LATIN_1, min_size=1, max_size=20)
+    | st.text(VISIBLE_LATIN_1, min_size=1, max_size=10).map(lambda tag: f'"{tag}"')
+    | st.text(st.characters(codec="latin-1", categories=["Nd", "No"]), min_size=1, max_size=12).map(
+        lambda tag: f'"{tag}"'
+    )
 )
 
 
 def _send(client: httpx.Client, method: str, url: str, body: tuple[str, Any], if_match: str | None) -> httpx.Response:
-    headers = {"If-Match": if_match} if if_match is not None else {}
+    # httpx encodes str header values as ASCII; bytes go out as they are.
+    headers = {"If-Match": if_match.encode("latin-1")} if if_match is not None else {}
     kind, value = body
     if kind == "json":
         return client.request(method, url, json=value, headers=headers)
@@ -169,3 +176,17 @@ def test_random_patch_bodies_never_fail_the_server(
     _assert_well_formed(response)
     if response.status_code == 200:
         assert response.headers["etag"] == f'"{response.json()["version"]}"'
+
+
+@BOUNDED
+@given(if_match=IF_MATCH)
+def test_any_if_match_on_a_valid_write_is_never_a_5xx(
+    client: httpx.Client, target_id: int, if_match: str | None
+) -> None:
+    """Any If-Match value on a valid PATCH, and on a DELETE of a missing user, gets 200/412 or 404, never a 5xx."""
+    patched = _send(client, "PATCH", f"/users/{target_id}", ("json", {"name": "Target"}), if_match)
+    _assert_well_formed(patched)
+    assert patched.status_code in (200, 412)
+    deleted = _send(client, "DELETE", f"/users/{2**63 - 1}", ("raw", b""), if_match)
+    _assert_well_formed(deleted)
+    assert deleted.status_code == 404
