@@ -499,11 +499,12 @@ async def test_racing_unconditional_patches_both_apply(
 
 
 async def test_delete_is_204_and_the_user_is_gone(http: httpx.AsyncClient) -> None:
-    """DELETE answers 204 with no body; afterwards GET and a second DELETE are 404."""
+    """DELETE answers 204 with no body (nor content type); afterwards GET and a second DELETE are 404."""
     user = await create(http)
     response = await http.delete(f"/users/{user['id']}")
     assert response.status_code == 204
     assert response.content == b""
+    assert "content-type" not in response.headers
     assert_problem(await http.get(f"/users/{user['id']}"), 404, "not-found")
     assert_problem(await http.delete(f"/users/{user['id']}"), 404, "not-found")
 

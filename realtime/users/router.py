@@ -69,6 +69,8 @@ async def update_user(
 @router.delete(
     "/{user_id}",
     status_code=status.HTTP_204_NO_CONTENT,
+    # A plain Response: the JSON default would label the empty 204 `content-type: application/json`.
+    response_class=Response,
     responses=_problems(404, 412, 422),
     summary="Delete a user",
 )
