@@ -11,6 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,9 +20,11 @@ import pytest
 
 from realtime.db import POOL_APPLICATION_NAME
 from realtime.dsn import Dsn
+from realtime.errors import _TITLES
 
 PROBLEM_JSON = "application/problem+json"
 MAX_ID = 2**63 - 1
+API_DOC = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 
 def email(tag: str = "user") -> str:
@@ -629,3 +632,20 @@ async def test_wrong_method_is_405_problem_with_allow(
     assert response.headers["allow"] == allow
     if method != "HEAD":  # a HEAD answer has no body
         assert_problem(response, 405, "method-not-allowed")
+
+
+async def test_api_doc_covers_every_operation_and_problem_type(http: httpx.AsyncClient) -> None:
+    """docs/api.md names every operation of /openapi.json and the problem type of every status they declare."""
+    api_doc = await asyncio.to_thread(API_DOC.read_text)
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    missing = []
+    statuses = {404, 405, 500}  # answered by routing and the catch-all handler, not declared per operation
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if f"{method.upper()} {path.replace('{user_id}', '{id}')}" not in api_doc:
+                missing.append(f"{method.upper()} {path}")
+            statuses |= {int(code) for code in operation["responses"] if int(code) >= 400}
+    missing += [
+        f"/problems/{_TITLES[code][0]}" for code in statuses if f"`/problems/{_TITLES[code][0]}`" not in api_doc
+    ]
+    assert missing == []
