@@ -23,7 +23,7 @@ from realtime.config import Settings, get_settings
 from realtime.db import create_engine, sessionmaker_for
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
-from realtime.stream.endpoint import router as stream_router
+from realtime.stream.endpoint import stream
 from realtime.stream.listener import Listener
 from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
@@ -75,7 +75,7 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(users_router)
-    app.include_router(stream_router)
+    app.router.add_websocket_route("/ws", stream)
     if WEB_DEMO.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DEMO, html=True), name="web_demo")
     return app

@@ -1,24 +1,23 @@
-"""The WebSocket route `/ws`: one reader loop and one writer task per connection.
+"""The WebSocket route `/ws`: client frames are read and handled on the server's own task for the connection.
 
 Lifecycle of a connection:
-    accept      an outbox and its writer task are created and attached to the hub (so shutdown can close it)
+    accept      an outbox is created and attached to the hub (so shutdown can close it)
     reading     each client frame is parsed and handled in order; a bad frame gets an `error` frame and the
                 connection stays usable; subscribe reads history (snapshot or replay) on this task while the
                 hub buffers live changes for the new subscription, then turns it live with no gap
-    closing     the client disconnects, or the outbox closes (4008 too slow, 1012 restarting): both tasks end,
-                every subscription is removed from the hub
+    closing     the client disconnects, or the outbox closes (4008 too slow, 1012 restarting) and the peer
+                answers the close: every subscription is removed from the hub
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
 import asyncpg
-from fastapi import APIRouter, WebSocket
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.websockets import WebSocket
 
 from realtime.stream import changelog
 from realtime.stream.changelog import CursorExpired, StreamedTable
@@ -40,13 +39,12 @@ from realtime.stream.protocol import (
 )
 from realtime.stream.wire import encode_text_frame, sink_for
 
-router = APIRouter()
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError)
 _log = logging.getLogger(__name__)
 
 
-@router.websocket("/ws")
 async def stream(websocket: WebSocket) -> None:
+    """The `/ws` endpoint: a plain Starlette route (no dependency machinery), reading on the server's task."""
     pipeline: StreamPipeline = websocket.state.stream
     settings = pipeline.settings
     await websocket.accept()
@@ -58,24 +56,14 @@ async def stream(websocket: WebSocket) -> None:
     )
     session = ClientSession(pipeline, outbox)
     pipeline.hub.attach(outbox)
-    writer = asyncio.create_task(outbox.run())
-    reader = asyncio.create_task(session.read_frames(websocket))
     try:
-        await asyncio.wait((reader, writer), return_when=asyncio.FIRST_COMPLETED)
+        # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
+        # the close frame, or the server times the handshake out, or the transport is aborted.
+        await session.read_frames(websocket)
     finally:
         session.remove_all()
         pipeline.hub.detach(outbox)
-        if reader.done() and not writer.done():
-            # The client left (or the reader failed): nothing more can be sent.
-            writer.cancel()
-        elif not reader.done():
-            # The writer closed the connection; give the peer a moment to finish the close handshake.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(reader), timeout=settings.shutdown_timeout_s)
-            reader.cancel()
-        await asyncio.gather(reader, writer, return_exceptions=True)
-        if reader.done() and not reader.cancelled() and reader.exception() is not None:
-            _log.error("WebSocket reader failed", exc_info=reader.exception())
+        outbox.discard()
 
 
 class ClientSession:

@@ -1,25 +1,24 @@
-"""The bounded outbound queue of one WebSocket and the writer task that drains it when the socket is slow.
+"""The bounded outbound queue of one WebSocket, and the writer task that drains it when the socket is slow.
 
 Lifecycle:
     open      the hub `offer()`s encoded frames without waiting; the connection's own task `put()`s replies
               and snapshot chunks, waiting for room. With a direct sink, everything offered during one turn of
-              the event loop (a whole listener batch) goes out in one transport write at the end of that turn;
-              only while the transport is above its high-water mark do frames wait, and the writer task sends
-              them once it drains. With the ASGI sink, the writer sends every frame.
+              the event loop (a whole listener batch) goes out in one transport write at the end of that turn.
+              Only while the transport is above its high-water mark do frames wait, and a writer task, started
+              for the occasion, sends them once it drains. With the ASGI sink a writer task sends every frame.
     closing   on overflow (4008), a send stuck longer than WS_SEND_TIMEOUT_S (4008) or shutdown (1012): frames
               still queued are dropped, the close frame names the last `seq` actually sent, and the client
               resumes from there, so nothing is lost to it
-    closed    the writer has sent the close frame, or aborted the transport if even that could not be sent
+    closed    the close frame was sent, or the transport aborted if even that could not be sent in time
 
-Publishing never waits on a socket: `offer()` is synchronous and O(1).
+Publishing never waits on a socket: `offer()` is synchronous and O(1). An idle connection holds no task and
+no event of its own, which keeps memory per connection small.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,18 +33,31 @@ SendFn = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Outbox:
+    __slots__ = (
+        "_close",
+        "_flush_scheduled",
+        "_frames",
+        "_loop",
+        "_max_frames",
+        "_room",
+        "_send",
+        "_send_timeout",
+        "_sink",
+        "_writer",
+        "last_seq_sent",
+        "sending_since",
+    )
+
     def __init__(self, sink: Sink, send: SendFn, *, max_frames: int, send_timeout: float) -> None:
         self._sink = sink
         self._send = send  # ASGI send: used for the close frame, so the server's protocol state stays right
         self._max_frames = max_frames
         self._send_timeout = send_timeout
-        self._frames: deque[tuple[int, bytes]] = deque()
+        self._frames: list[tuple[int, bytes]] = []
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
-        self._wakeup = asyncio.Event()
-        self._room = asyncio.Event()
-        self._room.set()
-        self._closed = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._room: asyncio.Event | None = None  # created only when a put() has to wait
         self._close: tuple[int, str, float] | None = None
         self.last_seq_sent = 0
         self.sending_since: float | None = None  # loop time a blocked send began; read by the hub's watchdog
@@ -66,15 +78,15 @@ class Outbox:
             self.close(CLOSE_TOO_SLOW, "too slow")
             return
         self._frames.append((seq, frame))
-        if not self._sink.direct:
-            self._wakeup.set()
-        elif not self._flush_scheduled:
+        if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
     async def put(self, frame: bytes, seq: int = 0) -> None:
         """Queue a frame, waiting for room (for the connection's own replies and snapshot chunks)."""
         while len(self._frames) >= self._max_frames and self._close is None:
+            if self._room is None:
+                self._room = asyncio.Event()
             self._room.clear()
             await self._room.wait()
         self.offer(frame, seq)
@@ -85,78 +97,77 @@ class Outbox:
         `timeout` bounds how long the close frame may wait for a slow peer before the connection is aborted
         (default: the send timeout).
         """
-        if self._close is None:
-            self._close = (code, why, self._send_timeout if timeout is None else timeout)
-            self._closed.set()
-            self._wakeup.set()
-            self._room.set()
+        if self._close is not None:
+            return
+        self._close = (code, why, self._send_timeout if timeout is None else timeout)
+        self._frames.clear()
+        self._signal_room()
+        if self._writer is not None:
+            self._writer.cancel()  # it may be waiting for a transport that never drains
+        self._writer = self._loop.create_task(self._send_close())
+
+    def discard(self) -> None:
+        """The connection is over: stop any writer and drop what is queued."""
+        self._frames.clear()
+        if self._writer is not None and self._close is None:
+            self._writer.cancel()
+            self._writer = None
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._close is not None or not self._frames:
+        if self._close is not None or not self._frames or self._writer is not None:
             return
         if self._sink.gone():
             self._frames.clear()
-        elif self._sink.writable():
+        elif self._sink.direct and self._sink.writable():
             self._write_queued()
         else:
-            self._wakeup.set()  # the writer task waits for the transport to drain
+            self._writer = self._loop.create_task(self._drain())
 
     def _write_queued(self) -> None:
-        frames = self._frames
-        batch = [frame for _, frame in frames]
+        frames, self._frames = self._frames, []
+        self._sink.write([frame for _, frame in frames])
         highest = max(seq for seq, _ in frames)
-        frames.clear()
-        self._sink.write(batch)
         if highest > self.last_seq_sent:
             self.last_seq_sent = highest
-        self._room.set()
+        self._signal_room()
 
-    async def run(self) -> None:
-        """The writer task: send what the fast path could not, until closed; then send the close frame."""
+    def _signal_room(self) -> None:
+        if self._room is not None:
+            self._room.set()
+
+    async def _drain(self) -> None:
+        """Send what the fast path could not: wait for the transport to drain, or send frame by frame."""
         try:
-            while self._close is None:
-                if not self._frames:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+            while self._frames and self._close is None:
+                if self._sink.gone():
+                    self._frames.clear()
                 elif self._sink.direct:
-                    await self._drain_direct()
+                    if not self._sink.writable():
+                        self.sending_since = self._loop.time()
+                        await self._sink.wait_writable()
+                        self.sending_since = None
+                    self._write_queued()
                 else:
-                    await self._send_one()
+                    seq, frame = self._frames.pop(0)
+                    self._signal_room()
+                    self.sending_since = self._loop.time()
+                    await self._sink.send(frame)
+                    self.sending_since = None
+                    if seq > self.last_seq_sent:
+                        self.last_seq_sent = seq
         except asyncio.CancelledError:
             raise
         except Exception:  # the peer went away mid-send; nothing more can reach it
-            self._sink.abort()
-            return
-        await self._send_close()
-
-    async def _drain_direct(self) -> None:
-        if self._sink.gone():
             self._frames.clear()
-            return
-        if not self._sink.writable():
-            self.sending_since = self._loop.time()
-            try:
-                await _first_of(self._sink.wait_writable(), self._closed.wait())
-            finally:
-                self.sending_since = None
-            return
-        self._write_queued()
-
-    async def _send_one(self) -> None:
-        seq, frame = self._frames.popleft()
-        if len(self._frames) < self._max_frames:
-            self._room.set()
-        self.sending_since = self._loop.time()
-        await self._sink.send(frame)
-        self.sending_since = None
-        if seq > self.last_seq_sent:
-            self.last_seq_sent = seq
+            self._sink.abort()
+        finally:
+            if self._close is None:
+                self._writer = None
 
     async def _send_close(self) -> None:
         assert self._close is not None
         code, why, timeout = self._close
-        self._frames.clear()
         reason = f"{why}; last_seq={self.last_seq_sent}"
         try:
             async with asyncio.timeout(timeout):
@@ -166,14 +177,3 @@ class Outbox:
             self._sink.abort()
         except Exception:  # already gone
             self._sink.abort()
-
-
-async def _first_of(*waits: Awaitable[Any]) -> None:
-    tasks = [asyncio.ensure_future(wait) for wait in waits]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for task in tasks:
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*tasks, return_exceptions=True)
