@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from types import FrameType
 
+from pydantic import ValidationError
+
 from realtime import migrate
 from realtime.config import Settings, get_settings
 from realtime.dsn import Dsn
@@ -173,8 +175,22 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Terminated
 
 
+def _configuration_error(error: ValidationError) -> str:
+    """One line per refused setting, named as its environment variable."""
+    lines = ["realtime: invalid configuration"]
+    for problem in error.errors():
+        name = str(problem["loc"][0]).upper() if problem["loc"] else "settings"
+        lines.append(f"  {name}: {problem['msg']}")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        get_settings()  # read once here, so that a bad variable is reported as such and not as a traceback
+    except ValidationError as error:
+        print(_configuration_error(error), file=sys.stderr)
+        return 2
     # SIGTERM's default action ends the process on the spot, skipping cleanup. uvicorn swaps in its own handler
     # while it serves and, after its graceful shutdown, puts this one back and re-sends the signal to itself.
     previous = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -44,6 +44,21 @@ def test_no_command_is_a_usage_error() -> None:
     assert "usage: realtime" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [("DATABASE_URL", "mysql://db/app", "not a PostgreSQL URL"), ("PORT", "eighty", "valid integer")],
+)
+def test_invalid_setting_is_reported_by_name_without_traceback(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """A refused environment variable stops the command with exit 2 and a line naming the variable."""
+    result = run("migrate", env={**os.environ, variable: value}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"{variable}: " in result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- realtime stream ---------------------------------------------------------------------------------------------
 
 
