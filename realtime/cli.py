@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -106,6 +107,51 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# A registered table streams only while its capture trigger exists. Dropping the table drops the trigger but
+# leaves the registration behind (a table re-created under that name is then listed yet never captured).
+_STREAMED_TABLES = """
+    SELECT s.table_schema, s.table_name, EXISTS (
+        SELECT 1 FROM pg_trigger t
+        JOIN pg_class c ON c.oid = t.tgrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = s.table_schema AND c.relname = s.table_name AND t.tgname = 'realtime_capture'
+    ) AS capturing
+    FROM realtime.streamed_tables s
+    ORDER BY 1, 2
+"""
+
+
+async def _list_streams(conn: Any) -> int:
+    for row in await conn.fetch(_STREAMED_TABLES):
+        name = f"{row['table_schema']}.{row['table_name']}"
+        if row["capturing"]:
+            print(name)
+        else:
+            print(
+                f"warning: {name} is registered but has no capture trigger (the table was dropped or re-created);"
+                f" `realtime stream enable {name}` captures it again, `realtime stream disable {name}` forgets it",
+                file=sys.stderr,
+            )
+    return 0
+
+
+async def _forget_dropped_table(conn: Any, table: str) -> bool:
+    """Remove the registration of a table that no longer exists; False if the table exists or is unknown."""
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
+        return False
+    result = await conn.execute(
+        """
+        DELETE FROM realtime.streamed_tables
+        WHERE table_name = (parse_ident($1))[cardinality(parse_ident($1))]
+          AND table_schema = CASE WHEN cardinality(parse_ident($1)) > 1
+                                  THEN (parse_ident($1))[cardinality(parse_ident($1)) - 1]
+                                  ELSE current_schema() END
+        """,
+        table,
+    )
+    return bool(result != "DELETE 0")
+
+
 def _stream(args: argparse.Namespace) -> int:
     import asyncpg
 
@@ -117,12 +163,12 @@ def _stream(args: argparse.Namespace) -> int:
         conn = await asyncpg.connect(url.asyncpg())
         try:
             if args.action == "list":
-                rows = await conn.fetch("SELECT table_schema, table_name FROM realtime.streamed_tables ORDER BY 1, 2")
-                for row in rows:
-                    print(f"{row['table_schema']}.{row['table_name']}")
-                return 0
+                return await _list_streams(conn)
             function = "realtime.enable_stream" if args.action == "enable" else "realtime.disable_stream"
             try:
+                if args.action == "disable" and await _forget_dropped_table(conn, args.table):
+                    print(f"disabled streaming of {args.table} (the table no longer exists)")
+                    return 0
                 await conn.execute(f"SELECT {function}($1::text::regclass)", args.table)
             except asyncpg.PostgresError as error:
                 print(f"error: {error}", file=sys.stderr)

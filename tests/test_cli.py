@@ -131,6 +131,20 @@ def test_stream_enable_list_disable(stream_db: Dsn, tmp_path: Path) -> None:
     assert _captured_changes(stream_db, "things") == 1
 
 
+def test_dropped_streamed_table_is_flagged_and_can_be_disabled(stream_db: Dsn, tmp_path: Path) -> None:
+    """After DROP TABLE, `list` warns that the registration captures nothing and `disable` removes it."""
+    env = _stream_env(stream_db)
+    assert run("stream", "enable", "things", env=env, cwd=tmp_path).returncode == 0
+    asyncio.run(_execute(stream_db, "DROP TABLE things"))
+    listed = run("stream", "list", env=env, cwd=tmp_path)
+    assert listed.stdout.split() == ["public.users"]
+    assert "public.things is registered but has no capture trigger" in listed.stderr
+    disabled = run("stream", "disable", "things", env=env, cwd=tmp_path)
+    assert disabled.returncode == 0, disabled.stderr
+    listed = run("stream", "list", env=env, cwd=tmp_path)
+    assert (listed.stdout.split(), listed.stderr) == (["public.users"], "")
+
+
 def test_stream_enable_refuses_a_table_without_primary_key(stream_db: Dsn, tmp_path: Path) -> None:
     """Enabling a table without a primary key fails with exit 1 and says why; no trigger is installed."""
     result = run("stream", "enable", "keyless", env=_stream_env(stream_db), cwd=tmp_path)
