@@ -137,18 +137,23 @@ async def _list_streams(conn: Any) -> int:
 
 async def _forget_dropped_table(conn: Any, table: str) -> bool:
     """Remove the registration of a table that no longer exists; False if the table exists or is unknown."""
+    import asyncpg
+
     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", table):
         return False
-    result = await conn.execute(
-        """
-        DELETE FROM realtime.streamed_tables
-        WHERE table_name = (parse_ident($1))[cardinality(parse_ident($1))]
-          AND table_schema = CASE WHEN cardinality(parse_ident($1)) > 1
-                                  THEN (parse_ident($1))[cardinality(parse_ident($1)) - 1]
-                                  ELSE current_schema() END
-        """,
-        table,
-    )
+    try:
+        result = await conn.execute(
+            """
+            DELETE FROM realtime.streamed_tables
+            WHERE table_name = (parse_ident($1))[cardinality(parse_ident($1))]
+              AND table_schema = CASE WHEN cardinality(parse_ident($1)) > 1
+                                      THEN (parse_ident($1))[cardinality(parse_ident($1)) - 1]
+                                      ELSE current_schema() END
+            """,
+            table,
+        )
+    except asyncpg.InvalidParameterValueError:  # not a name at all; the caller reports it like any unknown table
+        return False
     return bool(result != "DELETE 0")
 
 

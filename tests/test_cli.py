@@ -1,4 +1,8 @@
-"""The `realtime` command as a user runs it: help, `stream enable|disable|list`, and `serve` in embedded mode."""
+"""The `realtime` command: help, settings errors, `stream enable|disable|list`, and `serve` in embedded mode.
+
+Most commands run in this process through `realtime.cli.main` (the same code the console script calls, without
+a second of interpreter start-up each); the console script, one `stream enable` and `serve` run as processes.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -16,6 +21,8 @@ import httpx
 import pytest
 
 from realtime import migrate
+from realtime.cli import main
+from realtime.config import get_settings
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 from tests.support.server import free_port
@@ -37,26 +44,53 @@ def test_help_lists_the_commands() -> None:
         assert command in result.stdout
 
 
-def test_no_command_is_a_usage_error() -> None:
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+Cli = Callable[..., Outcome]
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> Cli:
+    """Run `realtime ARGS` in this process with extra environment variables given as keywords."""
+    monkeypatch.chdir(tmp_path)  # away from any .env file of the checkout
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+
+    def invoke(*args: str, **env: str) -> Outcome:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        get_settings.cache_clear()
+        try:
+            code = main(list(args))
+        finally:
+            get_settings.cache_clear()
+        captured = capsys.readouterr()
+        return Outcome(code, captured.out, captured.err)
+
+    return invoke
+
+
+def test_no_command_is_a_usage_error(cli: Cli) -> None:
     """`realtime` without a command prints usage and exits 2."""
-    result = run()
-    assert result.returncode == 2
-    assert "usage: realtime" in result.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        cli()
+    assert exit_info.value.code == 2
 
 
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [("DATABASE_URL", "mysql://db/app", "not a PostgreSQL URL"), ("PORT", "eighty", "valid integer")],
 )
-def test_invalid_setting_is_reported_by_name_without_traceback(
-    tmp_path: Path, variable: str, value: str, message: str
-) -> None:
+def test_invalid_setting_is_reported_by_name(cli: Cli, variable: str, value: str, message: str) -> None:
     """A refused environment variable stops the command with exit 2 and a line naming the variable."""
-    result = run("migrate", env={**os.environ, variable: value}, cwd=tmp_path)
-    assert result.returncode == 2
-    assert f"{variable}: " in result.stderr
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    outcome = cli("migrate", **{variable: value})
+    assert outcome.returncode == 2
+    assert f"  {variable}: " in outcome.stderr
+    assert message in outcome.stderr
 
 
 # --- realtime stream ---------------------------------------------------------------------------------------------
@@ -99,73 +133,74 @@ def _captured_changes(url: Dsn, table: str) -> object:
     return asyncio.run(_fetchval(url, f"SELECT count(*) FROM realtime.changes WHERE table_name = '{table}'"))
 
 
-def _stream_env(url: Dsn) -> dict[str, str]:
-    return {**os.environ, "DATABASE_URL": url.libpq(), "LOG_LEVEL": "warning"}
-
-
 def _capture_triggers(url: Dsn, table: str) -> object:
     return asyncio.run(
         _fetchval(url, f"SELECT count(*) FROM pg_trigger WHERE tgrelid = '{table}'::regclass AND NOT tgisinternal")
     )
 
 
-def test_stream_enable_list_disable(stream_db: Dsn, tmp_path: Path) -> None:
+def test_stream_enable_list_disable(cli: Cli, stream_db: Dsn, tmp_path: Path) -> None:
     """A table with a primary key can be enabled (twice, harmlessly), is listed and captured, and can be disabled."""
-    env = _stream_env(stream_db)
-    assert run("stream", "list", env=env, cwd=tmp_path).stdout.split() == ["public.users"]
+    url = stream_db.libpq()
+    assert cli("stream", "list", DATABASE_URL=url).stdout.split() == ["public.users"]
 
-    for _ in range(2):
-        enabled = run("stream", "enable", "things", env=env, cwd=tmp_path)
-        assert enabled.returncode == 0, enabled.stderr
-        assert "enabled streaming of things" in enabled.stdout
-    assert run("stream", "list", env=env, cwd=tmp_path).stdout.split() == ["public.things", "public.users"]
+    # Once as a user runs it, once more in-process: enabling again is harmless.
+    env = {**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "warning"}
+    enabled = run("stream", "enable", "things", env=env, cwd=tmp_path)
+    assert (enabled.returncode, enabled.stdout) == (0, "enabled streaming of things\n"), enabled.stderr
+    assert cli("stream", "enable", "things").returncode == 0
+    assert cli("stream", "list").stdout.split() == ["public.things", "public.users"]
     assert _capture_triggers(stream_db, "things") == 1
     asyncio.run(_execute(stream_db, "INSERT INTO things VALUES (1, 'captured')"))
     assert _captured_changes(stream_db, "things") == 1
 
-    disabled = run("stream", "disable", "public.things", env=env, cwd=tmp_path)
-    assert disabled.returncode == 0, disabled.stderr
-    assert run("stream", "list", env=env, cwd=tmp_path).stdout.split() == ["public.users"]
+    disabled = cli("stream", "disable", "public.things")
+    assert (disabled.returncode, disabled.stdout) == (0, "disabled streaming of public.things\n")
+    assert cli("stream", "list").stdout.split() == ["public.users"]
     assert _capture_triggers(stream_db, "things") == 0
     asyncio.run(_execute(stream_db, "INSERT INTO things VALUES (2, 'not captured')"))
     assert _captured_changes(stream_db, "things") == 1
 
 
-def test_dropped_streamed_table_is_flagged_and_can_be_disabled(stream_db: Dsn, tmp_path: Path) -> None:
+def test_dropped_streamed_table_is_flagged_and_can_be_disabled(cli: Cli, stream_db: Dsn) -> None:
     """After DROP TABLE, `list` warns that the registration captures nothing and `disable` removes it."""
-    env = _stream_env(stream_db)
-    assert run("stream", "enable", "things", env=env, cwd=tmp_path).returncode == 0
+    assert cli("stream", "enable", "things", DATABASE_URL=stream_db.libpq()).returncode == 0
     asyncio.run(_execute(stream_db, "DROP TABLE things"))
-    listed = run("stream", "list", env=env, cwd=tmp_path)
+    listed = cli("stream", "list")
     assert listed.stdout.split() == ["public.users"]
     assert "public.things is registered but has no capture trigger" in listed.stderr
-    disabled = run("stream", "disable", "things", env=env, cwd=tmp_path)
+    disabled = cli("stream", "disable", "things")
     assert disabled.returncode == 0, disabled.stderr
-    listed = run("stream", "list", env=env, cwd=tmp_path)
+    listed = cli("stream", "list")
     assert (listed.stdout.split(), listed.stderr) == (["public.users"], "")
 
 
-def test_stream_enable_refuses_a_table_without_primary_key(stream_db: Dsn, tmp_path: Path) -> None:
+def test_stream_enable_refuses_a_table_without_primary_key(cli: Cli, stream_db: Dsn) -> None:
     """Enabling a table without a primary key fails with exit 1 and says why; no trigger is installed."""
-    result = run("stream", "enable", "keyless", env=_stream_env(stream_db), cwd=tmp_path)
-    assert result.returncode == 1
-    assert "has no primary key" in result.stderr
-    assert "Traceback" not in result.stderr
+    outcome = cli("stream", "enable", "keyless", DATABASE_URL=stream_db.libpq())
+    assert outcome.returncode == 1
+    assert "has no primary key" in outcome.stderr
     assert _capture_triggers(stream_db, "keyless") == 0
 
 
 @pytest.mark.parametrize(
-    ("table", "message"),
-    [("no_such_table", 'relation "no_such_table" does not exist'), ("realtime.changes", "cannot be streamed")],
+    ("action", "table", "message"),
+    [
+        ("enable", "no_such_table", 'relation "no_such_table" does not exist'),
+        ("enable", "realtime.changes", "the realtime schema cannot be streamed"),
+        ("enable", 'bad"name', 'relation "bad"name" does not exist'),
+        ("disable", "no_such_table", 'relation "no_such_table" does not exist'),
+        ("disable", 'bad"name', 'relation "bad"name" does not exist'),
+    ],
 )
-def test_stream_enable_refuses_unknown_and_internal_tables(
-    stream_db: Dsn, tmp_path: Path, table: str, message: str
+def test_stream_refuses_unknown_internal_and_malformed_tables(
+    cli: Cli, stream_db: Dsn, action: str, table: str, message: str
 ) -> None:
-    """Enabling a missing table or one of realtime's own fails with exit 1 and a one-line reason."""
-    result = run("stream", "enable", table, env=_stream_env(stream_db), cwd=tmp_path)
-    assert result.returncode == 1
-    assert message in result.stderr
-    assert "Traceback" not in result.stderr
+    """`stream enable|disable` of a missing, internal or malformed table name exits 1 with a one-line reason."""
+    outcome = cli("stream", action, table, DATABASE_URL=stream_db.libpq())
+    assert outcome.returncode == 1
+    assert outcome.stderr.startswith("error: ")
+    assert message in outcome.stderr
 
 
 # --- realtime serve with the embedded PostgreSQL -----------------------------------------------------------------
