@@ -26,6 +26,7 @@ from realtime.errors import install_error_handlers
 from realtime.stream.endpoint import stream
 from realtime.stream.listener import Listener
 from realtime.stream.pipeline import StreamPipeline
+from realtime.stream.wire import KeepServerSend
 from realtime.users.router import router as users_router
 
 WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
@@ -73,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(KeepServerSend)
     app.include_router(health.router)
     app.include_router(users_router)
     app.router.add_websocket_route("/ws", stream)

@@ -37,7 +37,7 @@ from realtime.stream.protocol import (
     reply_frame,
     snapshot_frame,
 )
-from realtime.stream.wire import encode_text_frame, sink_for
+from realtime.stream.wire import SERVER_SEND, encode_text_frame, sink_for
 
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError)
 _log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ async def stream(websocket: WebSocket) -> None:
     settings = pipeline.settings
     await websocket.accept()
     outbox = Outbox(
-        sink_for(websocket._send),
+        sink_for(websocket.send, websocket.scope.get(SERVER_SEND)),
         websocket.send,
         max_frames=settings.ws_queue_size,
         send_timeout=settings.ws_send_timeout_s,

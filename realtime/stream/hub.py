@@ -109,6 +109,11 @@ class Hub:
     def subscription_count(self) -> int:
         return sum(table.count for table in self._tables.values())
 
+    def connection_counts(self) -> dict[str, int]:
+        """Open WebSockets by how their frames are written (see wire.py): `direct` is the fast path."""
+        direct = sum(1 for outbox in self._outboxes if outbox.direct)
+        return {"direct": direct, "asgi": len(self._outboxes) - direct}
+
     @property
     def outboxes(self) -> Iterable[Outbox]:
         return self._outboxes

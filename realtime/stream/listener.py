@@ -84,6 +84,7 @@ class Listener:
             "reconnects": self.reconnects,
             "last_change_lag_ms": None if self._last_change_lag_s is None else round(self._last_change_lag_s * 1000, 1),
             "subscriptions": self._hub.subscription_count,
+            "connections": self._hub.connection_counts(),
         }
 
     async def run(self) -> None:

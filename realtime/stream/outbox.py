@@ -63,6 +63,10 @@ class Outbox:
         self.sending_since: float | None = None  # loop time a blocked send began; read by the hub's watchdog
 
     @property
+    def direct(self) -> bool:
+        return self._sink.direct
+
+    @property
     def closing(self) -> bool:
         return self._close is not None
 
@@ -125,6 +129,8 @@ class Outbox:
             self._writer = self._loop.create_task(self._drain())
 
     def _write_queued(self) -> None:
+        if not self._frames:  # dropped while we waited (closed or disconnected)
+            return
         frames, self._frames = self._frames, []
         self._sink.write([frame for _, frame in frames])
         highest = max(seq for seq, _ in frames)
