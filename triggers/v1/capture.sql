@@ -14,7 +14,8 @@ CREATE TABLE realtime.changes (
     old_row      jsonb,
     committed_at timestamptz NOT NULL
 );
-CREATE INDEX changes_committed_at_idx ON realtime.changes (committed_at);
+-- No index on committed_at: every index is maintained inside the commit-order critical section (see capture()),
+-- and retention finds its age cutoff by walking the primary key from the oldest row instead (see prune()).
 
 -- Which tables stream is data: enable_stream()/disable_stream() keep this table and the triggers in step.
 CREATE TABLE realtime.streamed_tables (
@@ -110,8 +111,11 @@ BEGIN
     IF newest IS NULL THEN
         RETURN 0;
     END IF;
+    -- committed_at grows with seq (both are taken under the commit-order lock), so the rows too old to keep are
+    -- exactly those before the first one young enough: found by walking the primary key from the oldest row.
     SELECT GREATEST(
-        COALESCE((SELECT max(seq) FROM realtime.changes WHERE committed_at < clock_timestamp() - max_age), 0),
+        COALESCE((SELECT seq - 1 FROM realtime.changes
+                  WHERE committed_at >= clock_timestamp() - max_age ORDER BY seq LIMIT 1), newest),
         COALESCE((SELECT seq FROM realtime.changes ORDER BY seq DESC OFFSET max_rows LIMIT 1), 0))
     INTO cutoff;
     cutoff := LEAST(cutoff, newest - 1);
