@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -264,9 +266,24 @@ def _stop(process: subprocess.Popen[bytes]) -> int:
         raise
 
 
-def test_serve_without_database_url_runs_and_stops_an_embedded_postgres(tmp_path: Path) -> None:
+@pytest.fixture
+def embedded_home() -> Iterator[Path]:
+    """A world-traversable directory outside pytest's temporary tree for the embedded PostgreSQL's data.
+
+    Run as root, the embedded server runs as another user, and pytest closes its tree (mode 0700) whenever
+    another run starts, which would cut the server off from its data directory in the middle of the test.
+    """
+    path = Path(tempfile.mkdtemp(prefix="realtime-cli-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_serve_without_database_url_runs_and_stops_an_embedded_postgres(tmp_path: Path, embedded_home: Path) -> None:
     """Without DATABASE_URL, serve starts an embedded PostgreSQL, stops it on SIGTERM, and reuses its data."""
-    data_dir, log, port = tmp_path / "pgdata", tmp_path / "serve.log", free_port()
+    data_dir, log, port = embedded_home / "pgdata", tmp_path / "serve.log", free_port()
     base_url = f"http://127.0.0.1:{port}"
 
     process = _start_embedded_serve(tmp_path, data_dir, port, log)
