@@ -6,22 +6,40 @@ A request's session commits when the route returns and rolls back when it raises
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
+import asyncpg
 from fastapi import Depends, Request
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from realtime.config import Settings
 from realtime.dsn import Dsn
 
 POOL_APPLICATION_NAME = "realtime"
+# What "the database failed us" looks like, for code that retries or answers "unavailable" instead of crashing.
+# InternalClientError belongs here: when a backend is terminated while the connection is idle, asyncpg can take
+# in the FATAL before it notices the socket closing, and the next query then fails with "another operation is
+# in progress" instead of a connection error.
+DATABASE_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    SQLAlchemyError,
+)
 
 
 def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
     """An asyncpg-backed engine whose pool is sized by settings and named `realtime` in pg_stat_activity."""
     server_settings = {"application_name": POOL_APPLICATION_NAME}
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+        # The server cancels slow statements; this client-side bound also covers a silently dead connection
+        # (half-open TCP), which would otherwise hang the request forever.
+        connect_args["command_timeout"] = settings.statement_timeout_ms / 1000 + 5
     return create_async_engine(
         url.sqlalchemy(),
         pool_size=settings.pool_size,
@@ -29,7 +47,7 @@ def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
         pool_timeout=settings.pool_timeout,
         # No pre-ping: it costs a round trip per request. A connection found dead mid-request fails that request
         # with 503 and is discarded by the pool, so the next request gets a fresh one.
-        connect_args={"server_settings": server_settings},
+        connect_args=connect_args,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.support.databases import (
     EmbeddedPostgres,
     create_database,
     drop_database,
+    private_directory,
 )
 from tests.support.server import ServerProcess
 
@@ -29,11 +31,13 @@ def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsn]:
     if configured:
         yield Dsn.parse(configured)
         return
-    embedded = EmbeddedPostgres.start(tmp_path_factory.mktemp("pg") / "data")
+    directory = private_directory("realtime-tests-")
+    embedded = EmbeddedPostgres.start(directory / "data")
     try:
         yield embedded.admin_url
     finally:
         embedded.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import psutil  # type: ignore[import-untyped]  # a dependency of embedded-postgr
 import pytest
 
 from realtime.dsn import Dsn
-from tests.support.databases import EmbeddedPostgres
+from tests.support.databases import EmbeddedPostgres, private_directory
 from tests.support.faults import (
     FAST_RECOVERY,
     LISTENER_APPLICATION_NAME,
@@ -35,9 +34,7 @@ from tests.support.faults import (
     listener_pids,
     new_listener,
     readyz,
-    restart_postgres,
     running_server,
-    stop_postgres,
     stream_database,
     wait_ready,
 )
@@ -108,9 +105,8 @@ async def test_listener_backend_killed_mid_stream(fault_db: Dsn, admin: asyncpg.
 
 @pytest.fixture
 def outside_pytest_tmp() -> Iterator[Path]:
-    """A scratch directory outside /tmp/pytest-of-<user>, which every pytest start makes private (chmod 0700):
-    an embedded PostgreSQL runs as another user and would lose its data directory in mid-test."""
-    path = Path(tempfile.mkdtemp(prefix="rt-faults-"))
+    """A scratch directory for a test-owned PostgreSQL, outside pytest's temporary tree (see private_directory)."""
+    path = private_directory("rt-faults-")
     try:
         yield path
     finally:
@@ -131,7 +127,7 @@ async def test_postgres_restart_mid_stream(outside_pytest_tmp: Path, log_path: P
                 writer = Writer(url)
                 async with writer.running():
                     await writer.wait_committed(100)
-                    await asyncio.to_thread(restart_postgres, postgres)
+                    await asyncio.to_thread(postgres.restart)
                     failures = writer.failures
                     await writer.wait_committed(writer.committed + 100)
                 assert failures > 0, "the writers never noticed the restart"
@@ -146,7 +142,7 @@ async def test_postgres_restart_mid_stream(outside_pytest_tmp: Path, log_path: P
             finally:
                 await subscriber.aclose()
     finally:
-        await asyncio.to_thread(stop_postgres, postgres)
+        await asyncio.to_thread(postgres.stop)
 
 
 @pytest.fixture

@@ -15,10 +15,9 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-import asyncpg
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket
 
+from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
 from realtime.stream.changelog import CursorExpired, StreamedTable
 from realtime.stream.filters import compile_filter
@@ -39,7 +38,6 @@ from realtime.stream.protocol import (
 )
 from realtime.stream.wire import SERVER_SEND, encode_text_frame, sink_for
 
-DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, SQLAlchemyError)
 _log = logging.getLogger(__name__)
 
 

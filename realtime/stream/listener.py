@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import asyncpg
 
+from realtime.db import DATABASE_ERRORS
 from realtime.dsn import Dsn
 from realtime.stream import changelog
 from realtime.stream.hub import Hub
@@ -37,10 +38,6 @@ _log = logging.getLogger(__name__)
 CHANNEL = "realtime_changes"
 APPLICATION_NAME = "realtime-listener"
 State = Literal["connecting", "live", "reconnecting", "stopped"]
-# What a lost link looks like. InternalClientError belongs here: when a backend is terminated while the connection
-# is idle, asyncpg can take in the FATAL before it notices the socket closing, and the next query then fails with
-# "another operation is in progress" instead of a connection error.
-_LINK_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, TimeoutError)
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,7 @@ class Listener:
                 was_live = False
                 try:
                     await self._session()
-                except _LINK_ERRORS as error:
+                except DATABASE_ERRORS as error:
                     was_live = self.state == "live"
                     self._note_lost(error)
                 if was_live:  # a link that worked starts its retries from the shortest delay again

@@ -22,6 +22,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from realtime.config import Settings
+from realtime.db import DATABASE_ERRORS
 from realtime.dsn import Dsn
 from realtime.stream import changelog
 from realtime.stream.catalog import Catalog
@@ -121,7 +122,7 @@ class StreamPipeline:
             try:
                 async with self.connection() as conn:
                     deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
                 continue
             if deleted:

@@ -8,9 +8,11 @@ instead. Either way the run gets a fresh database of its own, so concurrent runs
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +73,26 @@ class EmbeddedPostgres:
         subprocess.run(command, check=True, user=self.handle.system_user, capture_output=True, timeout=60)
 
     def restart(self) -> None:
-        """Stop the server (fast shutdown: every connection is cut) and start it again on the same socket."""
-        self._pg_ctl("-w", "-m", "fast", "restart")
+        """Stop the server (fast shutdown: every connection is cut) and start it again on the same socket.
+
+        It names a log file: without one the new postmaster inherits pg_ctl's stdout, which
+        `subprocess.run(capture_output=True)` then waits on until its timeout.
+        """
+        self._pg_ctl("-w", "-m", "fast", "-l", str(self.data_dir / "log"), "restart")
 
     def stop(self) -> None:
+        """Stop and delete the server, also after a restart (the wheel's handle only knows the first PID)."""
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._pg_ctl("-w", "-m", "fast", "stop")
         self.handle.cleanup()
+
+
+def private_directory(prefix: str) -> Path:
+    """A directory outside pytest's temporary tree for a test-owned PostgreSQL.
+
+    The server runs as another user; pytest locks its temporary tree down (mode 0700) at the start of every
+    run, which would cut a server living there off from its own data while another run is under way.
+    """
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path

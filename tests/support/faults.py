@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,7 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime import migrate
 from realtime.dsn import Dsn
-from tests.support.databases import EmbeddedPostgres, create_database, drop_database
+from tests.support.databases import create_database, drop_database
 from tests.support.server import ServerProcess
 
 Frame = dict[str, Any]
@@ -84,22 +83,6 @@ async def stream_database(admin: Dsn) -> AsyncIterator[Dsn]:
         yield url
     finally:
         await asyncio.to_thread(drop_database, admin, url)
-
-
-def restart_postgres(postgres: EmbeddedPostgres) -> None:
-    """A fast restart (every connection cut) of a test-owned PostgreSQL on the same socket. Blocking.
-
-    Unlike `EmbeddedPostgres.restart()` this names a log file: without one the new postmaster inherits
-    pg_ctl's stdout, which `subprocess.run(capture_output=True)` then waits on until its timeout.
-    """
-    postgres._pg_ctl("-w", "-m", "fast", "-l", str(postgres.data_dir / "log"), "restart")
-
-
-def stop_postgres(postgres: EmbeddedPostgres) -> None:
-    """Stop and delete a test-owned PostgreSQL, also after a restart (the handle only knows the first PID)."""
-    with contextlib.suppress(subprocess.CalledProcessError):
-        postgres._pg_ctl("-w", "-m", "fast", "stop")
-    postgres.stop()
 
 
 async def committed_seqs(conn: asyncpg.Connection, after: int = 0) -> list[int]:
