@@ -30,7 +30,6 @@ from tests.support.faults import (
     Recorder,
     Writer,
     committed_seqs,
-    eventually,
     listener_pids,
     new_listener,
     readyz,
@@ -39,6 +38,7 @@ from tests.support.faults import (
     wait_ready,
 )
 from tests.support.server import ServerProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -21,19 +21,13 @@ import pytest
 from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, async_playwright, expect
 
 from realtime.dsn import Dsn
-from tests.support.browser import DESKTOP, PHONE, STREAM_TIMEOUT_MS, DemoPage, eventually, launch
+from tests.support.browser import DESKTOP, PHONE, STREAM_TIMEOUT_MS, DemoPage, launch
+from tests.support.faults import FAST_RECOVERY
 from tests.support.server import ServerProcess
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
 
-# Settings that make a private server notice a killed listener and come back quickly.
-FAST_RECOVERY = {
-    "LISTENER_BACKOFF_INITIAL_S": "0.05",
-    "LISTENER_BACKOFF_MAX_S": "0.5",
-    "LISTENER_HEARTBEAT_S": "0.5",
-    "LISTENER_HEARTBEAT_TIMEOUT_S": "1.0",
-    "SHUTDOWN_TIMEOUT_S": "3",
-}
 KILL_LISTENER = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
     " WHERE application_name = 'realtime-listener' AND datname = current_database()"

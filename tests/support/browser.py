@@ -7,12 +7,10 @@ and knows its `data-testid` hooks (listed at the top of web_demo/app.js). Every 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import shutil
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,15 +171,3 @@ def _is_request(method: str, path: str) -> Callable[[Any], bool]:
         return bool(request.method == method and request.url.split("?")[0].endswith(path))
 
     return matches
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy (returned) or the deadline passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)  # polling interval between checks, not a wait for an effect

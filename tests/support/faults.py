@@ -11,7 +11,7 @@ import contextlib
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 from tests.support.server import ServerProcess
+from tests.support.waiting import eventually
 
 Frame = dict[str, Any]
 LISTENER_APPLICATION_NAME = "realtime-listener"
@@ -51,22 +52,6 @@ CREATE TABLE docs (
 );
 SELECT realtime.enable_stream('docs');
 """
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float, what: str, interval: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy (returned) or the deadline passes (AssertionError)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = await check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true after {timeout}s (last: {last!r})")
-        await asyncio.sleep(interval)
-
-
-# ---------------------------------------------------------------------------------------------- databases
 
 
 @contextlib.asynccontextmanager
