@@ -23,6 +23,7 @@ from realtime.config import Settings, get_settings
 from realtime.db import create_engine, sessionmaker_for
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
+from realtime.limits import BodySizeLimit
 from realtime.stream.endpoint import stream
 from realtime.stream.listener import Listener
 from realtime.stream.pipeline import StreamPipeline
@@ -75,6 +76,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(KeepServerSend)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(users_router)
     app.router.add_websocket_route("/ws", stream)

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes for `serve`.")
     log_level: LogLevel = Field(default="info", description="Log level of the service and uvicorn.")
 
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest HTTP request body accepted (larger ones get 413)."
+    )
+
     pool_size: int = Field(default=10, ge=1, le=200, description="Connections kept in each process's pool.")
     pool_max_overflow: int = Field(default=10, ge=0, le=200, description="Extra pool connections under load.")
     pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pool connection.")

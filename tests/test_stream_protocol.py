@@ -232,3 +232,12 @@ async def test_several_subscriptions_on_one_connection_each_get_their_frames(
     assert sorted(f["id"] for f in frames) == ["a", "b"]
     assert frames[0]["seq"] == frames[1]["seq"]
     assert {f["table"] for f in frames} == {table}
+
+
+async def test_a_dropped_and_recreated_table_is_not_offered(client: StreamClient, db: asyncpg.Connection) -> None:
+    """A table re-created under a streamed name has no capture trigger, so subscribing says unknown_table."""
+    name = await create_streamed_table(db)
+    await db.execute(f"DROP TABLE {name}")
+    await db.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY)")
+    reply = await client.request({"type": "subscribe", "id": "after", "table": name})
+    assert reply["code"] == "unknown_table"

@@ -71,6 +71,8 @@ async def streamed_table(conn: asyncpg.Connection, key: TableKey) -> StreamedTab
         JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         LEFT JOIN pg_index i ON i.indrelid = c.oid AND i.indisprimary
         WHERE s.table_schema = $1 AND s.table_name = $2
+          -- A table dropped and re-created under the same name is registered but not captured: not streamed.
+          AND EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'realtime_capture')
         """,
         key.schema,
         key.name,
