@@ -272,12 +272,14 @@ async def test_server_restart_page_reconnects_and_resumes(
     assert [entry for entry in logged if entry["id"] == user_id] == [{"seq": seq, "op": "INSERT", "id": user_id}]
     assert_once_in_order(logged)
     await expect(page.any_row(user_id)).to_have_count(1)
-    # Resumed, not reloaded: the second subscribe asked for the changes after the page's position.
+    # Resumed, not reloaded: every subscribe after the first asked for the changes after the page's position.
+    # (Under load a first attempt on the new server can be refused or cut, so there may be more than one.)
     subscribes = page.subscribes()
-    assert len(subscribes) == 2, f"expected one subscribe per connection, got {subscribes}"
+    assert len(subscribes) >= 2, subscribes
     assert subscribes[0].get("snapshot") is True
-    assert subscribes[1].get("since") == seq_before
-    assert "snapshot" not in subscribes[1]
+    for resumed in subscribes[1:]:
+        assert resumed.get("since") == seq_before, subscribes
+        assert "snapshot" not in resumed
     notes = page.page.locator('[data-testid="event-log-entry"]')
     await expect(notes.filter(has_text="Snapshot:")).to_have_count(1)
     await expect(notes.filter(has_text="reconnecting")).not_to_have_count(0)
