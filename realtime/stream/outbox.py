@@ -103,6 +103,8 @@ class Outbox:
         """
         if self._close is not None:
             return
+        if code == CLOSE_TOO_SLOW:
+            _log.info("closing a WebSocket that could not keep up (4008) at last_seq=%d", self.last_seq_sent)
         self._close = (code, why, self._send_timeout if timeout is None else timeout)
         self._frames.clear()
         self._signal_room()
