@@ -8,6 +8,7 @@ Lifecycle (one per worker process):
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -55,6 +56,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             stream = StreamPipeline(settings, url, engine)
             await stream.start()
+            _freeze_startup_objects()
             try:
                 yield State(
                     settings=settings,
@@ -83,6 +85,17 @@ def create_app(settings: Settings) -> FastAPI:
     if WEB_DEMO.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DEMO, html=True), name="web_demo")
     return app
+
+
+def _freeze_startup_objects() -> None:
+    """Exclude everything alive after start-up (modules, classes, the app) from garbage collection.
+
+    A full collection walks every tracked object; after importing FastAPI, pydantic and SQLAlchemy that is
+    hundreds of thousands of objects that never die, and the walk stalls the event loop for 100+ ms, which
+    shows up directly as delivery latency. Frozen objects are never collected, which is what they need.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def create_app_from_env() -> FastAPI:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -300,3 +301,28 @@ async def test_snapshot_then_live_has_no_gap_and_no_duplicate(
             assert apply_changes(rows, changes) == await table_rows(db, table)
     finally:
         await asyncio.gather(*(client.close() for client in clients))
+
+
+async def test_compressed_connections_stream_through_the_per_message_path(
+    database_url: Dsn, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """With WS_COMPRESSION=true a client that negotiates permessage-deflate gets every change, in order."""
+    table = await create_streamed_table(db)
+    server = ServerProcess(database=database_url, log_path=tmp_path / "server.log", env={"WS_COMPRESSION": "true"})
+    await asyncio.to_thread(server.start)
+    try:
+        client = await StreamClient.open(server.ws_url, compression="deflate")
+        try:
+            assert client.connection.protocol.extensions, "permessage-deflate was not negotiated"
+            await client.subscribe("t", table=table)
+            for k in range(20):
+                await db.execute(f"INSERT INTO {table} (k, v) VALUES ($1, $2)", k, "z" * 2000)
+            frames = await client.changes(20)
+            async with httpx.AsyncClient(base_url=server.base_url) as http:
+                ready = (await http.get("/readyz")).json()
+        finally:
+            await client.close()
+    finally:
+        await asyncio.to_thread(server.terminate)
+    assert [f["row"]["k"] for f in frames] == list(range(20))
+    assert ready["listener"]["connections"] == {"direct": 0, "asgi": 1}

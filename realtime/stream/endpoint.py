@@ -49,6 +49,7 @@ async def stream(websocket: WebSocket) -> None:
     outbox = Outbox(
         sink_for(websocket.send, websocket.scope.get(SERVER_SEND)),
         websocket.send,
+        pipeline.flusher,
         max_frames=settings.ws_queue_size,
         send_timeout=settings.ws_send_timeout_s,
     )

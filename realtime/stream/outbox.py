@@ -32,10 +32,37 @@ CLOSE_RESTARTING = 1012
 SendFn = Callable[[dict[str, Any]], Awaitable[None]]
 
 
+class Flusher:
+    """Flushes, from one callback at the end of the event-loop turn, every outbox that got frames during it.
+
+    One callback per turn rather than one per connection: with a thousand subscribers a change would otherwise
+    allocate a thousand loop handles, which outlive enough allocations to be promoted into the collector's old
+    generation and trigger full collections that stall the loop for tens of milliseconds.
+    """
+
+    __slots__ = ("_due", "_loop")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._due: list[Outbox] = []
+
+    def schedule(self, outbox: Outbox) -> None:
+        if not self._due:
+            self._loop.call_soon(self._run)
+        self._due.append(outbox)
+
+    def _run(self) -> None:
+        due = self._due
+        self._due = []
+        for outbox in due:
+            outbox._flush()
+
+
 class Outbox:
     __slots__ = (
         "_close",
         "_flush_scheduled",
+        "_flusher",
         "_frames",
         "_loop",
         "_max_frames",
@@ -48,8 +75,9 @@ class Outbox:
         "sending_since",
     )
 
-    def __init__(self, sink: Sink, send: SendFn, *, max_frames: int, send_timeout: float) -> None:
+    def __init__(self, sink: Sink, send: SendFn, flusher: Flusher, *, max_frames: int, send_timeout: float) -> None:
         self._sink = sink
+        self._flusher = flusher
         self._send = send  # ASGI send: used for the close frame, so the server's protocol state stays right
         self._max_frames = max_frames
         self._send_timeout = send_timeout
@@ -84,7 +112,7 @@ class Outbox:
         self._frames.append((seq, frame))
         if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self._flusher.schedule(self)
 
     async def put(self, frame: bytes, seq: int = 0) -> None:
         """Queue a frame, waiting for room (for the connection's own replies and snapshot chunks)."""
@@ -131,11 +159,15 @@ class Outbox:
             self._writer = self._loop.create_task(self._drain())
 
     def _write_queued(self) -> None:
-        if not self._frames:  # dropped while we waited (closed or disconnected)
+        frames = self._frames
+        if not frames:  # dropped while we waited (closed or disconnected)
             return
-        frames, self._frames = self._frames, []
-        self._sink.write([frame for _, frame in frames])
+        batch = [frame for _, frame in frames]
         highest = max(seq for seq, _ in frames)
+        # Cleared in place, not replaced: a fresh list per flush per connection would outlive the flush and be
+        # promoted into the garbage collector's old generation, making full collections frequent and long.
+        frames.clear()
+        self._sink.write(batch)
         if highest > self.last_seq_sent:
             self.last_seq_sent = highest
         self._signal_room()

@@ -28,7 +28,7 @@ from realtime.stream import changelog
 from realtime.stream.catalog import Catalog
 from realtime.stream.hub import Hub
 from realtime.stream.listener import Listener, ListenerSettings
-from realtime.stream.outbox import CLOSE_RESTARTING
+from realtime.stream.outbox import CLOSE_RESTARTING, Flusher
 
 _log = logging.getLogger(__name__)
 _WATCHDOG_INTERVAL_S = 1.0
@@ -51,6 +51,7 @@ class StreamPipeline:
                 backoff_max_s=settings.listener_backoff_max_s,
             ),
         )
+        self.flusher = Flusher()
         self._tasks: list[asyncio.Task[None]] = []
         self._previous_handlers: dict[int, Any] = {}
 
