@@ -55,6 +55,7 @@ def sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request: committed if the route succeeds, rolled back if it raises."""
     factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
@@ -67,5 +68,13 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             raise
 
 
+async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """One session per read-only request: no COMMIT round trip; closing it rolls the transaction back."""
+    factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
+    async with factory() as session:
+        yield session
+
+
 # scope="function": the commit happens before the response is sent, so a failed commit is never a 2xx.
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]

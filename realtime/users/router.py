@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
-from realtime.db import SessionDep
+from realtime.db import ReadSessionDep, SessionDep
 from realtime.errors import PROBLEM_JSON, Problem
 from realtime.users import service
 from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
@@ -43,7 +43,7 @@ async def create_user(body: UserCreate, session: SessionDep, response: Response)
 
 @router.get("", responses=_problems(422), summary="List users, keyset-paginated by id")
 async def list_users(
-    session: SessionDep,
+    session: ReadSessionDep,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
     after: Annotated[int, Query(ge=0, le=MAX_ID, description="Return users with id greater than this.")] = 0,
 ) -> UserPage:
@@ -51,7 +51,7 @@ async def list_users(
 
 
 @router.get("/{user_id}", responses=_problems(404, 422), summary="Get one user")
-async def get_user(user_id: UserId, session: SessionDep, response: Response) -> User:
+async def get_user(user_id: UserId, session: ReadSessionDep, response: Response) -> User:
     user = await service.get(session, user_id)
     response.headers["ETag"] = service.etag(user)
     return user
