@@ -55,7 +55,6 @@ def sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
-
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request: committed if the route succeeds, rolled back if it raises."""
     factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
