@@ -6,7 +6,7 @@ triggers/README.md), so "every change after position N" is simply `seq > N`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import asyncpg
@@ -85,7 +85,7 @@ async def streamed_table(conn: asyncpg.Connection, key: TableKey) -> StreamedTab
 
 async def snapshot(
     conn: asyncpg.Connection, table: StreamedTable, row_filter: RowFilter, chunk_rows: int
-) -> AsyncIterator[tuple[int, list[str]]]:
+) -> AsyncGenerator[tuple[int, list[str]]]:
     """(position, rows) chunks of the rows matching `row_filter`, all read in one snapshot at `position`.
 
     Every change with a larger position committed after the snapshot was taken, so a subscriber that applies
@@ -107,7 +107,7 @@ async def snapshot(
         yield position, chunk
 
 
-async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: int) -> AsyncIterator[Change]:
+async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: int) -> AsyncGenerator[Change]:
     """The changes to `table` with since < seq <= until, in order; CursorExpired if retention took some."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         pruned_through = int(await conn.fetchval(_PRUNED_THROUGH))

@@ -12,6 +12,7 @@ Lifecycle of a connection:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -168,9 +169,14 @@ class ClientSession:
     async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
         chunk_rows = self._pipeline.settings.snapshot_chunk_rows
         position = 0
-        async with self._pipeline.connection() as conn:
+        # aclosing: if sending fails midway, the generator's transaction ends here, on this connection, and not
+        # later from the garbage collector when the connection may already serve someone else.
+        async with (
+            self._pipeline.connection() as conn,
+            contextlib.aclosing(changelog.snapshot(conn, table, sub.filter, chunk_rows)) as chunks,
+        ):
             previous: tuple[int, list[str]] | None = None
-            async for chunk in changelog.snapshot(conn, table, sub.filter, chunk_rows):
+            async for chunk in chunks:
                 if previous is not None:
                     chunk_frame = snapshot_frame(sub.id, previous[0], previous[1], last=False)
                     await self._outbox.put(encode_text_frame(chunk_frame), previous[0])
@@ -183,8 +189,11 @@ class ClientSession:
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
-        async with self._pipeline.connection() as conn:
-            async for change in changelog.replay(conn, sub.table, since, until):
+        async with (
+            self._pipeline.connection() as conn,
+            contextlib.aclosing(changelog.replay(conn, sub.table, since, until)) as changes,
+        ):
+            async for change in changes:
                 if change.op in sub.events and (not sub.filter.conditions or sub.filter.matches(change.filter_row)):
                     await self._outbox.put(encode_text_frame(change_frame(sub.id, change_body(change))), change.seq)
         return max(since, until)
