@@ -26,7 +26,6 @@ from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
 from realtime.stream.endpoint import stream
-from realtime.stream.listener import Listener
 from realtime.stream.pipeline import StreamPipeline
 from realtime.stream.wire import KeepServerSend
 from realtime.users.router import router as users_router
@@ -40,7 +39,6 @@ class State(TypedDict):
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
     stream: StreamPipeline
-    listener: Listener
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -63,7 +61,6 @@ def create_app(settings: Settings) -> FastAPI:
                     engine=engine,
                     sessionmaker=sessionmaker_for(engine),
                     stream=stream,
-                    listener=stream.listener,
                 )
             finally:
                 await stream.stop()

@@ -10,6 +10,8 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from realtime.stream.pipeline import StreamPipeline
+
 router = APIRouter(tags=["health"])
 _DB_CHECK_TIMEOUT_S = 2.0
 
@@ -27,10 +29,9 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     engine: AsyncEngine = request.state.engine
     body: dict[str, Any] = {"database": await _database_state(engine)}
-    listener = getattr(request.state, "listener", None)
-    if listener is not None:
-        body["listener"] = listener.status()
-    ready = body["database"] == "ok" and (listener is None or body["listener"]["state"] == "live")
+    stream: StreamPipeline = request.state.stream
+    body["listener"] = stream.listener.status()
+    ready = body["database"] == "ok" and body["listener"]["state"] == "live"
     body["status"] = "ready" if ready else "not_ready"
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from realtime.stream.changes import Change, TableKey
@@ -113,10 +113,6 @@ class Hub:
         """Open WebSockets by how their frames are written (see wire.py): `direct` is the fast path."""
         direct = sum(1 for outbox in self._outboxes if outbox.direct)
         return {"direct": direct, "asgi": len(self._outboxes) - direct}
-
-    @property
-    def outboxes(self) -> Iterable[Outbox]:
-        return self._outboxes
 
     def attach(self, outbox: Outbox) -> None:
         self._outboxes[outbox] = None

@@ -24,6 +24,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import asyncpg
@@ -71,7 +72,6 @@ class Listener:
         self.reconnects = 0
         self.backend_pid: int | None = None
         self._last_change_lag_s: float | None = None
-        self._last_read_at: float | None = None
 
     def status(self) -> dict[str, Any]:
         """For /readyz: state, position, and how far behind the last published change was."""
@@ -115,7 +115,7 @@ class Listener:
             timeout=self._settings.heartbeat_timeout_s,
         )
         self._lost.clear()
-        conn.add_termination_listener(lambda _conn: self._lost.set())
+        conn.add_termination_listener(lambda _conn: self._on_terminated())
         try:
             timeout = self._settings.heartbeat_timeout_s
             await conn.add_listener(CHANNEL, self._on_notify)
@@ -138,8 +138,6 @@ class Listener:
         heartbeat_s = self._settings.heartbeat_s
         next_heartbeat = time.monotonic() + heartbeat_s
         while True:
-            if self._lost.is_set():
-                raise ConnectionError("listener connection terminated")
             remaining = next_heartbeat - time.monotonic()
             if remaining <= 0:
                 await self._heartbeat(conn)
@@ -148,22 +146,13 @@ class Listener:
                 continue
             try:
                 async with asyncio.timeout(remaining):
-                    await self._wait_wake_or_lost()
+                    await self._wake.wait()
             except TimeoutError:
                 continue
             self._wake.clear()
+            if self._lost.is_set():
+                raise ConnectionError("listener connection terminated")
             await self._read_all(conn)
-
-    async def _wait_wake_or_lost(self) -> None:
-        if self._wake.is_set() or self._lost.is_set():
-            return
-        wake = asyncio.ensure_future(self._wake.wait())
-        lost = asyncio.ensure_future(self._lost.wait())
-        try:
-            await asyncio.wait((wake, lost), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            wake.cancel()
-            lost.cancel()
 
     async def _heartbeat(self, conn: asyncpg.Connection) -> None:
         """A NOTIFY to ourselves must come back through this connection in time, or the link is dead."""
@@ -182,20 +171,18 @@ class Listener:
             if not changes:
                 return
             self._hub.publish(changes)
-            self._last_read_at = time.time()
-            if changes[-1].ts:
-                self._last_change_lag_s = max(0.0, self._last_read_at - _parse_ts(changes[-1].ts))
+            newest_commit = datetime.fromisoformat(changes[-1].ts).timestamp()
+            self._last_change_lag_s = max(0.0, time.time() - newest_commit)
             if len(changes) < batch_size:
                 return
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
 
+    def _on_terminated(self) -> None:
+        # Wakes the reader too, so the loop waits on a single event and notices the loss at once.
+        self._lost.set()
+        self._wake.set()
+
     def _on_heartbeat(self, *_: object) -> None:
         self._heartbeat_back.set()
-
-
-def _parse_ts(ts: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(ts).timestamp()

@@ -94,10 +94,6 @@ class Outbox:
     def direct(self) -> bool:
         return self._sink.direct
 
-    @property
-    def closing(self) -> bool:
-        return self._close is not None
-
     def abort(self) -> None:
         """Drop the TCP connection at once (a peer that reads nothing can never receive a close frame)."""
         self._sink.abort()
