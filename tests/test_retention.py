@@ -12,7 +12,7 @@ import pytest
 from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
-from tests.support.server import ServerProcess
+from tests.support.server import running_server
 from tests.support.ws import StreamClient
 
 
@@ -77,13 +77,8 @@ async def test_the_server_prunes_and_refuses_resumes_from_pruned_positions(
     """The server's pruner applies the age limit, and a since from before it gets cursor_expired."""
     seqs = await _write_users(conn, 5)
     await conn.execute("UPDATE realtime.changes SET committed_at = now() - interval '2 hours'")
-    server = ServerProcess(
-        database=own_database,
-        log_path=tmp_path / "server.log",
-        env={"RETENTION_INTERVAL_S": "0.1", "RETENTION_MAX_AGE_S": "3600"},
-    )
-    server.start()
-    try:
+    env = {"RETENTION_INTERVAL_S": "0.1", "RETENTION_MAX_AGE_S": "3600"}
+    async with running_server(own_database, tmp_path / "server.log", env=env) as server:
         async with asyncio.timeout(15):
             while await conn.fetchval("SELECT count(*) FROM realtime.changes") > 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
@@ -93,6 +88,4 @@ async def test_the_server_prunes_and_refuses_resumes_from_pruned_positions(
             await client.subscribe("b", since=seqs[-2])
         finally:
             await client.close()
-    finally:
-        server.terminate()
     assert expired["code"] == "cursor_expired"

@@ -12,7 +12,7 @@ import httpx
 import orjson
 
 from realtime.dsn import Dsn
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 from tests.support.tables import apply_changes, committed_changes, create_streamed_table, head, table_rows
 from tests.support.ws import StreamClient
 
@@ -308,9 +308,8 @@ async def test_compressed_connections_stream_through_the_per_message_path(
 ) -> None:
     """With WS_COMPRESSION=true a client that negotiates permessage-deflate gets every change, in order."""
     table = await create_streamed_table(db)
-    server = ServerProcess(database=database_url, log_path=tmp_path / "server.log", env={"WS_COMPRESSION": "true"})
-    await asyncio.to_thread(server.start)
-    try:
+    env = {"WS_COMPRESSION": "true"}
+    async with running_server(database_url, tmp_path / "server.log", env=env) as server:
         client = await StreamClient.open(server.ws_url, compression="deflate")
         try:
             assert client.connection.protocol.extensions, "permessage-deflate was not negotiated"
@@ -322,7 +321,5 @@ async def test_compressed_connections_stream_through_the_per_message_path(
                 ready = (await http.get("/readyz")).json()
         finally:
             await client.close()
-    finally:
-        await asyncio.to_thread(server.terminate)
     assert [f["row"]["k"] for f in frames] == list(range(20))
     assert ready["listener"]["connections"] == {"direct": 0, "asgi": 1}

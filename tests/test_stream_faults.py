@@ -33,11 +33,10 @@ from tests.support.faults import (
     listener_pids,
     new_listener,
     readyz,
-    running_server,
     stream_database,
     wait_ready,
 )
-from tests.support.server import ServerProcess
+from tests.support.server import ServerProcess, running_server
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)

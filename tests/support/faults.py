@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -94,22 +93,6 @@ async def new_listener(conn: asyncpg.Connection, known: set[int], timeout: float
 
     pid: int = await eventually(appeared, timeout, "a new listener backend")
     return pid
-
-
-# ------------------------------------------------------------------------------------------------ servers
-
-
-@contextlib.asynccontextmanager
-async def running_server(
-    database: Dsn, log_path: Path, *, workers: int = 1, env: dict[str, str] | None = None
-) -> AsyncIterator[ServerProcess]:
-    """A `realtime serve` process of the test's own, ready; SIGTERMed (by PID) and waited for afterwards."""
-    server = ServerProcess(database=database, log_path=log_path, workers=workers, env=env or {})
-    try:
-        await asyncio.to_thread(server.start)
-        yield server
-    finally:
-        await asyncio.to_thread(server.terminate)
 
 
 async def readyz(server: ServerProcess) -> tuple[int, dict[str, Any]]:

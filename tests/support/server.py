@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,3 +91,16 @@ class ServerProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    database: Dsn, log_path: Path, *, workers: int = 1, env: dict[str, str] | None = None
+) -> AsyncIterator[ServerProcess]:
+    """A `realtime serve` process of the test's own, ready; SIGTERMed (by PID) and waited for afterwards."""
+    server = ServerProcess(database=database, log_path=log_path, workers=workers, env=env or {})
+    try:
+        await asyncio.to_thread(server.start)
+        yield server
+    finally:
+        await asyncio.to_thread(server.terminate)
