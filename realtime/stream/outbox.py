@@ -66,6 +66,7 @@ class Outbox:
         "_frames",
         "_loop",
         "_max_frames",
+        "_queued_seq",
         "_room",
         "_send",
         "_send_timeout",
@@ -88,6 +89,7 @@ class Outbox:
         self._room: asyncio.Event | None = None  # created only when a put() has to wait
         self._close: tuple[int, str, float] | None = None
         self.last_seq_sent = 0
+        self._queued_seq = 0  # highest seq ever queued: what last_seq_sent becomes once the queue is written
         self.sending_since: float | None = None  # loop time a blocked send began; read by the hub's watchdog
 
     @property
@@ -106,6 +108,8 @@ class Outbox:
             self.close(CLOSE_TOO_SLOW, "too slow")
             return
         self._frames.append((seq, frame))
+        if seq > self._queued_seq:
+            self._queued_seq = seq
         if not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._flusher.schedule(self)
@@ -159,13 +163,11 @@ class Outbox:
         if not frames:  # dropped while we waited (closed or disconnected)
             return
         batch = [frame for _, frame in frames]
-        highest = max(seq for seq, _ in frames)
         # Cleared in place, not replaced: a fresh list per flush per connection would outlive the flush and be
         # promoted into the garbage collector's old generation, making full collections frequent and long.
         frames.clear()
         self._sink.write(batch)
-        if highest > self.last_seq_sent:
-            self.last_seq_sent = highest
+        self.last_seq_sent = self._queued_seq
         self._signal_room()
 
     def _signal_room(self) -> None:
