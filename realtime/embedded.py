@@ -8,6 +8,7 @@ handle stops the server when the process that started it exits (the `embedded-po
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import warnings
 from dataclasses import dataclass
@@ -54,8 +55,6 @@ def start_embedded(data_dir: Path) -> EmbeddedServer:
 
 
 def _ensure_database(admin: Dsn, name: str) -> None:
-    import asyncio
-
     async def create() -> None:
         conn = await asyncpg.connect(admin.asyncpg())
         try:
