@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0002_capture"
+HEAD = "0003_shared_capture"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,6 +41,13 @@ async def _objects(url: Dsn) -> dict[str, object]:
             "capture_triggers": await conn.fetchval(
                 "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture'"
             ),
+            "functions": [
+                row[0]
+                for row in await conn.fetch(
+                    "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+                    " WHERE n.nspname = 'realtime' ORDER BY 1"
+                )
+            ],
             "streamed": [
                 f"{row[0]}.{row[1]}"
                 for row in await conn.fetch(
@@ -66,10 +73,37 @@ MIGRATED = {
     "schema": 1,
     "users_touch": 1,
     "capture_triggers": 1,
+    "functions": [
+        "realtime.capture()",
+        "realtime.disable_stream(regclass)",
+        "realtime.enable_stream(regclass)",
+        "realtime.hold_position()",
+        "realtime.prune(interval,bigint,bigint)",
+        "realtime.release_position()",
+        "realtime.stable_position()",
+    ],
     "streamed": ["public.users"],
     "revision": HEAD,
 }
-EMPTY = {"users": False, "schema": 0, "users_touch": 0, "capture_triggers": 0, "streamed": None, "revision": None}
+CAPTURE_V1 = {
+    **MIGRATED,
+    "functions": [
+        "realtime.capture()",
+        "realtime.disable_stream(regclass)",
+        "realtime.enable_stream(regclass)",
+        "realtime.prune(interval,bigint)",
+    ],
+    "revision": "0002_capture",
+}
+EMPTY = {
+    "users": False,
+    "schema": 0,
+    "users_touch": 0,
+    "capture_triggers": 0,
+    "functions": [],
+    "streamed": None,
+    "revision": None,
+}
 
 
 def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
@@ -83,10 +117,14 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Downgrading only the capture revision keeps users (and its touch trigger) and drops the realtime schema."""
+    """Each revision's downgrade undoes exactly that revision: capture v2 back to v1, then the realtime schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
+    migrate.upgrade(fresh_url, "0002_capture")
+    assert objects(fresh_url) == CAPTURE_V1
     migrate.upgrade(fresh_url)
+    migrate.downgrade(fresh_url, "0002_capture")
+    assert objects(fresh_url) == CAPTURE_V1
     migrate.downgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
 

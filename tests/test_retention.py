@@ -44,7 +44,7 @@ async def _write_users(conn: asyncpg.Connection, count: int) -> list[int]:
 async def test_prune_by_count_keeps_the_newest_rows_and_records_how_far(conn: asyncpg.Connection) -> None:
     """Pruning by count deletes the oldest rows and advances pruned_through to the last deleted position."""
     seqs = await _write_users(conn, 30)
-    deleted = await conn.fetchval("SELECT realtime.prune(interval '1 day', 10)")
+    deleted = await conn.fetchval("SELECT realtime.prune(interval '1 day', 10, $1)", seqs[-1])
     assert deleted == 20
     kept = [r["seq"] for r in await conn.fetch("SELECT seq FROM realtime.changes ORDER BY seq")]
     assert kept == seqs[-10:]
@@ -55,18 +55,30 @@ async def test_prune_by_age_never_deletes_the_newest_row(conn: asyncpg.Connectio
     """Rows older than the age limit go, except the newest one, which anchors snapshot positions."""
     seqs = await _write_users(conn, 5)
     await conn.execute("UPDATE realtime.changes SET committed_at = now() - interval '2 days'")
-    assert await conn.fetchval("SELECT realtime.prune(interval '1 day', 1000000)") == 4
+    assert await conn.fetchval("SELECT realtime.prune(interval '1 day', 1000000, $1)", seqs[-1]) == 4
     assert [r["seq"] for r in await conn.fetch("SELECT seq FROM realtime.changes")] == [seqs[-1]]
+
+
+async def test_prune_stops_at_the_position_it_is_given(conn: asyncpg.Connection) -> None:
+    """Rows past `through` stay, whatever their age: they may follow a hole an open transaction still fills."""
+    seqs = await _write_users(conn, 6)
+    await conn.execute("UPDATE realtime.changes SET committed_at = now() - interval '2 days'")
+    assert await conn.fetchval("SELECT realtime.prune(interval '1 day', 1, $1)", seqs[2]) == 2
+    assert [r["seq"] for r in await conn.fetch("SELECT seq FROM realtime.changes ORDER BY seq")] == seqs[2:]
+    assert await conn.fetchval("SELECT pruned_through FROM realtime.retention") == seqs[1]
 
 
 async def test_only_one_pruner_runs_at_a_time(conn: asyncpg.Connection, own_database: Dsn) -> None:
     """While one transaction prunes, another prune call returns 0 at once instead of queueing."""
-    await _write_users(conn, 5)
+    seqs = await _write_users(conn, 5)
     other = await asyncpg.connect(own_database.asyncpg())
     try:
         async with conn.transaction():
-            assert await conn.fetchval("SELECT realtime.prune(interval '1 day', 1)") == 4
-            assert await asyncio.wait_for(other.fetchval("SELECT realtime.prune(interval '1 day', 1)"), 5) == 0
+            assert await conn.fetchval("SELECT realtime.prune(interval '1 day', 1, $1)", seqs[-1]) == 4
+            assert (
+                await asyncio.wait_for(other.fetchval("SELECT realtime.prune(interval '1 day', 1, $1)", seqs[-1]), 5)
+                == 0
+            )
     finally:
         await other.close()
 

@@ -1,4 +1,4 @@
-"""Delivery guarantees over a real server: every committed change once, in commit order, resumable."""
+"""Delivery guarantees over a real server: every committed change once, in position order, resumable."""
 
 from __future__ import annotations
 
@@ -94,10 +94,10 @@ async def test_a_one_mebibyte_value_streams_intact(server: ServerProcess, db: as
     assert frame["row"]["v"] == big
 
 
-async def test_positions_follow_commit_order_not_write_order(
+async def test_a_later_commit_never_overtakes_an_open_position(
     server: ServerProcess, database_url: Dsn, db: asyncpg.Connection
 ) -> None:
-    """A transaction that wrote first but commits last gets the later position, so resuming never skips it."""
+    """An open position holds back later commits' delivery, not their commit; late committers get later positions."""
     table = await create_streamed_table(db)
     early_writer = await asyncpg.connect(database_url.asyncpg())
     late_writer = await asyncpg.connect(database_url.asyncpg())
@@ -109,12 +109,12 @@ async def test_positions_follow_commit_order_not_write_order(
         await t1.start()
         await early_writer.execute(f"INSERT INTO {table} (k) VALUES (1)")
         await early_writer.execute("SET CONSTRAINTS ALL IMMEDIATE")
-        # ...then T2 writes and tries to commit while T1 is still open: it must wait for T1's commit.
-        t2_commit = asyncio.ensure_future(late_writer.execute(f"INSERT INTO {table} (k) VALUES (2)"))
-        await _wait_until_blocked(db, late_writer.get_server_pid())
-        assert not t2_commit.done()
+        # ...then T2 writes and commits while T1 is still open: writers do not wait for one another...
+        await asyncio.wait_for(late_writer.execute(f"INSERT INTO {table} (k) VALUES (2)"), 10)
+        # ...but the server may not publish T2 before T1 ends: its read waits for T1's position to be final.
+        await db.execute("NOTIFY realtime_changes")
+        await _wait_until_blocked(db, await _listener_pid(db))
         await t1.commit()
-        await t2_commit
         first, second = await client.changes(2)
         assert (first["row"]["k"], second["row"]["k"]) == (1, 2)
         assert first["seq"] < second["seq"]
@@ -137,6 +137,38 @@ async def test_positions_follow_commit_order_not_write_order(
         await client.close()
         await early_writer.close()
         await late_writer.close()
+
+
+async def test_a_rolled_back_position_holder_delays_nothing_for_long(
+    server: ServerProcess, database_url: Dsn, db: asyncpg.Connection
+) -> None:
+    """Writers that skipped their wake-up because T1 would send it are still delivered when T1 rolls back."""
+    table = await create_streamed_table(db)
+    holder = await asyncpg.connect(database_url.asyncpg())
+    client = await StreamClient.open(server.ws_url)
+    try:
+        await client.subscribe("t", table=table)
+        t1 = holder.transaction()
+        await t1.start()
+        await holder.execute(f"INSERT INTO {table} (k) VALUES (1)")
+        await holder.execute("SET CONSTRAINTS ALL IMMEDIATE")  # T1 now holds a position and the notify token
+        for k in (2, 3):
+            await db.execute(f"INSERT INTO {table} (k) VALUES ($1)", k)
+        await t1.rollback()
+        # No NOTIFY came for 2 and 3 (T1 was to send it); the listener's periodic read finds them.
+        frames = await client.changes(2)
+        assert [f["row"]["k"] for f in frames] == [2, 3]
+    finally:
+        await client.close()
+        await holder.close()
+
+
+async def _listener_pid(db: asyncpg.Connection) -> int:
+    pid = await db.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'realtime-listener' AND datname = current_database()"
+    )
+    assert pid is not None
+    return int(pid)
 
 
 async def _wait_until_blocked(db: asyncpg.Connection, pid: int) -> None:

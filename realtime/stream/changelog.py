@@ -1,7 +1,8 @@
 """The stream's SQL: reading `realtime.changes`, snapshots, the catalog of streamed tables, retention.
 
-Positions in `realtime.changes` are in commit order and the visible ones always form a prefix (see
-triggers/README.md), so "every change after position N" is simply `seq > N`.
+Positions in `realtime.changes` are final only up to the stable position (see triggers/README.md): below it every
+transaction that took a position has finished, so "every change after N" is `N < seq <= stable`, and nothing
+committed later can land inside a range already read. Every read here is bounded by a stable position.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from realtime.stream.filters import RowFilter
 _TS = """to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 _COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {_TS}"
 
-READ_AFTER = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 ORDER BY seq LIMIT $2"
+READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
 _REPLAY = (
     f"SELECT {_COLUMNS} FROM realtime.changes"
     " WHERE seq > $1 AND seq <= $2 AND table_schema = $3 AND table_name = $4 ORDER BY seq"
 )
-_HEAD = "SELECT COALESCE((SELECT max(seq) FROM realtime.changes), (SELECT pruned_through FROM realtime.retention))"
+_NEWEST = "SELECT COALESCE(pg_sequence_last_value('realtime.changes_seq'), 0)"
+_HOLD_POSITION = "SELECT realtime.hold_position()"
+_RELEASE_POSITION = "SELECT realtime.release_position()"
 _PRUNED_THROUGH = "SELECT pruned_through FROM realtime.retention"
 
 
@@ -42,15 +45,19 @@ def _change(record: asyncpg.Record) -> Change:
     )
 
 
-async def read_after(conn: asyncpg.Connection, after: int, limit: int) -> list[Change]:
-    """The next changes after position `after`, in order, at most `limit`."""
-    records = await conn.fetch(READ_AFTER, after, limit)
+async def read_range(conn: asyncpg.Connection, after: int, through: int, limit: int) -> list[Change]:
+    """The changes with after < seq <= through, in order, at most `limit`; `through` must be stable."""
+    records = await conn.fetch(READ_RANGE, after, through, limit)
     return [_change(record) for record in records]
 
 
-async def head(conn: asyncpg.Connection) -> int:
-    """The newest committed position (0 on an empty changelog)."""
-    return int(await conn.fetchval(_HEAD))
+async def stable_position(conn: asyncpg.Connection) -> int:
+    """The newest position up to which every transaction has finished (0 on an empty changelog).
+
+    Briefly stops committers to streamed tables while the ones already holding positions finish; raises
+    asyncpg.LockNotAvailableError if one of them stays open for 2 s. `conn` must not be in a transaction.
+    """
+    return int(await conn.fetchval("SELECT realtime.stable_position()"))
 
 
 @dataclass(frozen=True)
@@ -93,18 +100,29 @@ async def snapshot(
     """
     quoted = f"{_ident(table.key.schema)}.{_ident(table.key.name)}"
     order = ", ".join(_ident(column) for column in table.primary_key)
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        position = int(await conn.fetchval(_HEAD))
-        chunk: list[str] = []
-        async for record in conn.cursor(f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"):
-            text = record[0]
-            if row_filter.conditions and not row_filter.matches(orjson.loads(text)):
-                continue
-            chunk.append(text)
-            if len(chunk) >= chunk_rows:
-                yield position, chunk
-                chunk = []
-        yield position, chunk
+    # The snapshot must be taken while no transaction holds a position, so that it holds exactly the changes up
+    # to `position`: the session keeps the position lock across BEGIN and lets it go in the transaction's first
+    # statement, which is where a REPEATABLE READ snapshot is taken.
+    position = int(await conn.fetchval(_HOLD_POSITION))
+    released = False
+    try:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await conn.execute(_RELEASE_POSITION)
+            released = True
+            chunk: list[str] = []
+            async for record in conn.cursor(f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"):
+                text = record[0]
+                if row_filter.conditions and not row_filter.matches(orjson.loads(text)):
+                    continue
+                chunk.append(text)
+                if len(chunk) >= chunk_rows:
+                    yield position, chunk
+                    chunk = []
+            yield position, chunk
+    finally:
+        if not released:
+            # A pooled session must never keep the lock: every commit to a streamed table would wait for it.
+            conn.terminate()
 
 
 async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: int) -> AsyncGenerator[Change]:
@@ -113,7 +131,7 @@ async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: i
         pruned_through = int(await conn.fetchval(_PRUNED_THROUGH))
         if since < pruned_through:
             raise CursorExpired(f"changes up to {pruned_through} were pruned by retention; resubscribe with a snapshot")
-        newest = int(await conn.fetchval(_HEAD))
+        newest = int(await conn.fetchval(_NEWEST))
         if since > newest:
             raise CursorExpired(f"position {since} is ahead of the changelog ({newest}); resubscribe with a snapshot")
         async for record in conn.cursor(_REPLAY, since, until, table.schema, table.name):
@@ -121,8 +139,14 @@ async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: i
 
 
 async def prune(conn: asyncpg.Connection, max_age_s: int, max_rows: int) -> int:
-    """Delete changelog rows older than `max_age_s` or beyond the newest `max_rows`; one pruner at a time."""
-    return int(await conn.fetchval("SELECT realtime.prune(make_interval(secs => $1), $2)", max_age_s, max_rows))
+    """Delete changelog rows older than `max_age_s` or beyond the newest `max_rows`; one pruner at a time.
+
+    Never past the stable position: a row beyond it may sit after a hole that an open transaction still fills.
+    """
+    through = await stable_position(conn)
+    return int(
+        await conn.fetchval("SELECT realtime.prune(make_interval(secs => $1), $2, $3)", max_age_s, max_rows, through)
+    )
 
 
 def _ident(name: str) -> str:

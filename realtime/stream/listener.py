@@ -5,7 +5,7 @@ Lifecycle:
                   named `realtime-listener` in pg_stat_activity
     catching up   LISTEN is registered (and, autocommit, committed) *before* reading, so a change committed
                   meanwhile is either read now or wakes us later; then every change after the hub's position
-                  is read in batches and published
+                  up to the stable position is read in batches and published
     live          each NOTIFY wakes the reader; every heartbeat interval a self-NOTIFY must come back through
                   this very connection within the timeout, which catches half-open TCP that asyncpg alone
                   would never notice; each heartbeat also reads, so a lost wake-up costs at most one interval
@@ -124,7 +124,7 @@ class Listener:
             if not self.connected_once.is_set():
                 # A fresh process starts live from the current head: history is served by `since`/snapshot.
                 async with asyncio.timeout(timeout):
-                    self._hub.position = await changelog.head(conn)
+                    self._hub.position = await changelog.stable_position(conn)
             await self._read_all(conn)
             if self.state != "live":
                 _log.info("listener live at position %d (backend pid %s)", self._hub.position, self.backend_pid)
@@ -165,16 +165,26 @@ class Listener:
     async def _read_all(self, conn: asyncpg.Connection) -> None:
         batch_size = self._settings.batch_size
         timeout = self._settings.heartbeat_timeout_s
-        while True:
+        try:
             async with asyncio.timeout(timeout):
-                changes = await changelog.read_after(conn, self._hub.position, batch_size)
+                through = await changelog.stable_position(conn)
+        except asyncpg.LockNotAvailableError:
+            # A transaction has held a position for seconds (SET CONSTRAINTS ALL IMMEDIATE in a long transaction):
+            # nothing after it can be published before it ends. The link is fine; the next heartbeat tries again.
+            _log.info("a transaction holding a stream position is still open; waiting for it")
+            return
+        while self._hub.position < through:
+            async with asyncio.timeout(timeout):
+                changes = await changelog.read_range(conn, self._hub.position, through, batch_size)
             if not changes:
-                return
+                break  # only positions of rolled-back transactions were left
             self._hub.publish(changes)
             newest_commit = datetime.fromisoformat(changes[-1].ts).timestamp()
             self._last_change_lag_s = max(0.0, time.time() - newest_commit)
             if len(changes) < batch_size:
-                return
+                break
+        # Everything up to `through` is final and published, holes included: replays may start there.
+        self._hub.position = max(self._hub.position, through)
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()

@@ -60,7 +60,12 @@ class StreamPipeline:
         """A pooled asyncpg connection for snapshots, replays and catalog look-ups."""
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
-            yield raw.driver_connection
+            driver: asyncpg.Connection = raw.driver_connection
+            try:
+                yield driver
+            finally:
+                if driver.is_closed():
+                    await conn.invalidate()  # the pool would otherwise hand the closed connection out again
 
     async def start(self) -> None:
         self._tasks = [
