@@ -42,8 +42,11 @@ $$;
 CREATE FUNCTION realtime.stable_position() RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM set_config('lock_timeout', '2s', true);
-    PERFORM pg_advisory_xact_lock(8243122744022200677);
+    -- Try first: a waiting exclusive request makes every arriving writer queue behind it; a free lock does not.
+    IF NOT pg_try_advisory_xact_lock(8243122744022200677) THEN
+        PERFORM set_config('lock_timeout', '2s', true);
+        PERFORM pg_advisory_xact_lock(8243122744022200677);
+    END IF;
     RETURN COALESCE(pg_sequence_last_value('realtime.changes_seq'), 0);
 END;
 $$;
@@ -54,8 +57,10 @@ $$;
 CREATE FUNCTION realtime.hold_position() RETURNS bigint
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM set_config('lock_timeout', '2s', true);
-    PERFORM pg_advisory_lock(8243122744022200677);
+    IF NOT pg_try_advisory_lock(8243122744022200677) THEN
+        PERFORM set_config('lock_timeout', '2s', true);
+        PERFORM pg_advisory_lock(8243122744022200677);
+    END IF;
     RETURN COALESCE(pg_sequence_last_value('realtime.changes_seq'), 0);
 END;
 $$;
