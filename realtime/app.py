@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from realtime import __version__, health
 from realtime.config import Settings, get_settings
-from realtime.db import create_engine, sessionmaker_for
+from realtime.db import create_engine, read_sessionmaker_for, sessionmaker_for
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
@@ -38,6 +38,7 @@ class State(TypedDict):
     settings: Settings
     engine: AsyncEngine
     sessionmaker: async_sessionmaker[AsyncSession]
+    read_sessionmaker: async_sessionmaker[AsyncSession]
     stream: StreamPipeline
 
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
                     settings=settings,
                     engine=engine,
                     sessionmaker=sessionmaker_for(engine),
+                    read_sessionmaker=read_sessionmaker_for(engine),
                     stream=stream,
                 )
             finally:

@@ -38,8 +38,12 @@ class Settings(BaseSettings):
         default=1_048_576, ge=1024, description="Largest HTTP request body accepted (larger ones get 413)."
     )
 
-    pool_size: int = Field(default=10, ge=1, le=200, description="Connections kept in each process's pool.")
-    pool_max_overflow: int = Field(default=10, ge=0, le=200, description="Extra pool connections under load.")
+    pool_size: int = Field(default=20, ge=1, le=200, description="Connections kept in each process's pool.")
+    # Overflow connections are closed as soon as they are returned while the pool is full, so under a steady load
+    # just above POOL_SIZE they are opened and closed again for every few requests; the default has none.
+    pool_max_overflow: int = Field(
+        default=0, ge=0, le=200, description="Extra connections opened under load and closed when returned."
+    )
     pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pool connection.")
     statement_timeout_ms: int = Field(
         default=15_000, ge=0, description="statement_timeout of pool connections (0 disables)."

@@ -55,6 +55,11 @@ def sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
 
 
+def read_sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for single-statement reads: autocommit, so a GET costs one round trip, not BEGIN/SELECT/ROLLBACK."""
+    return async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request: committed if the route succeeds, rolled back if it raises."""
     factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
@@ -68,8 +73,8 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per read-only request: no COMMIT round trip; closing it rolls the transaction back."""
-    factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
+    """One autocommit session per read-only request: each statement reads the latest committed state."""
+    factory: async_sessionmaker[AsyncSession] = request.state.read_sessionmaker
     async with factory() as session:
         yield session
 
