@@ -1,4 +1,4 @@
-"""The WebSocket route `/ws`: client frames are read and handled on the server's own task for the connection.
+"""The WebSocket endpoint `/ws`: client frames are read and handled on the server's own task for the connection.
 
 Lifecycle of a connection:
     accept      an outbox is created and attached to the hub (so shutdown can close it)
@@ -16,6 +16,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from realtime.db import DATABASE_ERRORS
@@ -37,18 +38,25 @@ from realtime.stream.protocol import (
     reply_frame,
     snapshot_frame,
 )
-from realtime.stream.wire import SERVER_SEND, encode_text_frame, sink_for
+from realtime.stream.wire import encode_text_frame, sink_for
 
 _log = logging.getLogger(__name__)
 
 
-async def stream(websocket: WebSocket) -> None:
-    """The `/ws` endpoint: a plain Starlette route (no dependency machinery), reading on the server's task."""
+async def stream(scope: Scope, receive: Receive, send: Send) -> None:
+    """The `/ws` endpoint as a bare ASGI app, called by the application before its middleware and router.
+
+    Every coroutine between the server and this one stays suspended, holding its frame, for as long as the
+    connection is open; each middleware layer costs hundreds of bytes per idle connection, and none of them
+    does anything for a WebSocket (the HTTP ones pass it through, the exception handlers render HTTP errors).
+    `send` is then the server's own, which is what lets `sink_for` write frames straight to the transport.
+    """
+    websocket = WebSocket(scope, receive, send)
     pipeline: StreamPipeline = websocket.state.stream
     settings = pipeline.settings
     await websocket.accept()
     outbox = Outbox(
-        sink_for(websocket.send, websocket.scope.get(SERVER_SEND)),
+        sink_for(websocket.send, send),
         websocket.send,
         pipeline.flusher,
         max_frames=settings.ws_queue_size,

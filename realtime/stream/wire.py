@@ -14,20 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 _TEXT_FIN = 0x81
-SERVER_SEND = "realtime.server_send"
-
-
-class KeepServerSend:
-    """Pure ASGI middleware: remember the server's own `send` in WebSocket scopes, before the framework wraps it
-    (Starlette's exception handling replaces it with a closure that hides the server's protocol object)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "websocket":
-            scope[SERVER_SEND] = send
-        await self.app(scope, receive, send)
 
 
 def encode_text_frame(text: str) -> bytes:
@@ -127,7 +113,7 @@ class AsgiSink:
 def sink_for(send: Callable[[dict[str, Any]], Awaitable[None]], server_send: Any) -> Sink:
     """The fastest sink valid for this connection.
 
-    uvicorn's ASGI `send` (`server_send`, kept by `KeepServerSend`) is a bound method of its protocol object,
+    uvicorn's ASGI `send` (`server_send`, as the app received it) is a bound method of its protocol object,
     which owns the transport and the `writable` flow-control event; ASGI itself offers no way to write raw
     frames or to abort a peer that reads nothing. `send` is the framework's send, used when that is not there.
     """
