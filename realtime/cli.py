@@ -81,8 +81,9 @@ def _serve(args: argparse.Namespace) -> int:
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level,
-            # The sans-I/O protocol lets the stream write pre-encoded frames straight to the transport (wire.py).
-            ws="websockets-sansio",
+            # uvicorn's sans-I/O protocol lets the stream write pre-encoded frames straight to the transport
+            # (wire.py); this subclass of it holds less per open connection (ws_protocol.py).
+            ws="realtime.stream.ws_protocol:LeanWebSocketsSansIOProtocol",
             ws_per_message_deflate=settings.ws_compression,
             ws_ping_interval=settings.ws_ping_interval_s,
             ws_ping_timeout=settings.ws_ping_timeout_s,

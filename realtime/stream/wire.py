@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
 _TEXT_FIN = 0x81
 
 
@@ -121,7 +123,7 @@ def sink_for(send: Callable[[dict[str, Any]], Awaitable[None]], server_send: Any
     transport = getattr(protocol, "transport", None)
     conn = getattr(protocol, "conn", None)
     if (
-        type(protocol).__name__ == "WebSocketsSansIOProtocol"
+        isinstance(protocol, WebSocketsSansIOProtocol)
         and transport is not None
         and isinstance(getattr(protocol, "writable", None), asyncio.Event)
         and conn is not None
