@@ -4,9 +4,9 @@
 `websockets-sansio`; it only holds less for as long as a connection stays open, which for a subscriber is
 hours of doing nothing:
 
-    handshake   the parsed upgrade Request is dropped as soon as the ASGI scope is built from it, and the
-                prepared 101 Response once it has been sent (about 4 KB with a test client's seven headers;
-                a browser's cookies and user agent make it more)
+    handshake   the parsed upgrade Request is dropped (its headers emptied, since the parser keeps a reference)
+                as soon as the ASGI scope is built from it, and the prepared 101 Response once it has been sent
+                (about 4 KB with a test client's seven headers; a browser's cookies and user agent make it more)
     open        ASGI messages from the client wait in a list with one future for the app's single reader,
                 not in an asyncio.Queue, which allocates four deques up front (3 KB)
 """
@@ -38,6 +38,9 @@ class LeanWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
         super().handle_connect(event)
         # The scope carries everything the app may read; uvicorn keeps the request but never reads it again.
         del self.request
+        # websockets' parser holds on to the request too (a local of its generator, which runs for as long as
+        # the connection does). Its headers are most of its size, and they have been copied into the scope.
+        event.headers.clear()
 
     async def send(self, message: ASGISendEvent) -> None:
         accepting = message["type"] == "websocket.accept" and not self.handshake_complete
