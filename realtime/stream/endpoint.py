@@ -55,6 +55,9 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     pipeline: StreamPipeline = websocket.state.stream
     settings = pipeline.settings
     await websocket.accept()
+    # Nothing reads the handshake's headers after this, and the scope lives as long as the connection: a
+    # browser's (cookies, user agent) alone can weigh more than the rest of an idle connection's state.
+    scope["headers"] = ()
     outbox = Outbox(
         sink_for(websocket.send, send),
         websocket.send,
