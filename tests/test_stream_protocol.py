@@ -7,6 +7,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from tests.support.server import ServerProcess
 from tests.support.tables import create_streamed_table
@@ -91,6 +93,14 @@ async def test_binary_and_oversized_frames_are_refused(client: StreamClient) -> 
     await client.send('{"type": "ping", "ref": "' + "x" * 70_000 + '"}')
     assert (await client.recv())["code"] == "frame_too_large"
     assert (await client.request({"type": "ping"}))["type"] == "pong"
+
+
+async def test_websockets_on_other_paths_are_refused(server: ServerProcess) -> None:
+    """Only /ws serves the stream: the upgrade to any other path is answered 403."""
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(server.ws_url + "x"):
+            pass
+    assert refused.value.response.status_code == 403
 
 
 async def test_duplicate_subscription_id_is_refused(client: StreamClient, table: str) -> None:
