@@ -17,7 +17,6 @@ import logging
 from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
-from starlette.websockets import WebSocket
 
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
@@ -49,18 +48,20 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     Every coroutine between the server and this one stays suspended, holding its frame, for as long as the
     connection is open; each middleware layer costs hundreds of bytes per idle connection, and none of them
     does anything for a WebSocket (the HTTP ones pass it through, the exception handlers render HTTP errors).
-    `send` is then the server's own, which is what lets `sink_for` write frames straight to the transport.
+    For the same reason it speaks ASGI directly rather than through Starlette's WebSocket wrapper. `send` is
+    the server's own, which is what lets `sink_for` write frames straight to the transport.
     """
-    websocket = WebSocket(scope, receive, send)
-    pipeline: StreamPipeline = websocket.state.stream
+    pipeline: StreamPipeline = scope["state"]["stream"]
     settings = pipeline.settings
-    await websocket.accept()
+    if (await receive())["type"] != "websocket.connect":
+        return  # the client left before the handshake completed
+    await send({"type": "websocket.accept"})
     # Nothing reads the handshake's headers after this, and the scope lives as long as the connection: a
     # browser's (cookies, user agent) alone can weigh more than the rest of an idle connection's state.
     scope["headers"] = ()
     outbox = Outbox(
-        sink_for(websocket.send, send),
-        websocket.send,
+        sink_for(send),
+        send,
         pipeline.flusher,
         max_frames=settings.ws_queue_size,
         send_timeout=settings.ws_send_timeout_s,
@@ -70,7 +71,7 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
         # the close frame, or the server times the handshake out, or the transport is aborted.
-        await session.read_frames(websocket)
+        await session.read_frames(receive)
     finally:
         session.remove_all()
         pipeline.hub.detach(outbox)
@@ -85,10 +86,10 @@ class ClientSession:
         self._outbox = outbox
         self._subscriptions: dict[str, Subscription] = {}
 
-    async def read_frames(self, websocket: WebSocket) -> None:
+    async def read_frames(self, receive: Receive) -> None:
         max_bytes = self._pipeline.settings.ws_max_frame_bytes
         while True:
-            message = await websocket.receive()
+            message = await receive()
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")

@@ -112,14 +112,14 @@ class AsgiSink:
             self._transport.abort()
 
 
-def sink_for(send: Callable[[dict[str, Any]], Awaitable[None]], server_send: Any) -> Sink:
-    """The fastest sink valid for this connection.
+def sink_for(send: Callable[[dict[str, Any]], Awaitable[None]]) -> Sink:
+    """The fastest sink valid for this connection, given the ASGI `send` the app received.
 
-    uvicorn's ASGI `send` (`server_send`, as the app received it) is a bound method of its protocol object,
-    which owns the transport and the `writable` flow-control event; ASGI itself offers no way to write raw
-    frames or to abort a peer that reads nothing. `send` is the framework's send, used when that is not there.
+    uvicorn's `send` is a bound method of its protocol object, which owns the transport and the `writable`
+    flow-control event; ASGI itself offers no way to write raw frames or to abort a peer that reads nothing.
+    Any other `send` (another server, a wrapping middleware, a negotiated extension) gets the ASGI sink.
     """
-    protocol = getattr(server_send, "__self__", None)
+    protocol = getattr(send, "__self__", None)
     transport = getattr(protocol, "transport", None)
     conn = getattr(protocol, "conn", None)
     if (
