@@ -355,3 +355,22 @@ async def test_compressed_connections_stream_through_the_per_message_path(
             await client.close()
     assert [f["row"]["k"] for f in frames] == list(range(20))
     assert ready["listener"]["connections"] == {"direct": 0, "asgi": 1}
+
+
+async def test_plain_connections_are_written_straight_to_the_transport(
+    database_url: Dsn, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Without compression a connection gets the direct sink: the server's own send reaches the endpoint."""
+    table = await create_streamed_table(db)
+    async with running_server(database_url, tmp_path / "server.log") as server:
+        client = await StreamClient.open(server.ws_url)
+        try:
+            await client.subscribe("t", table=table)
+            await db.execute(f"INSERT INTO {table} (k, v) VALUES (1, 'a')")
+            frames = await client.changes(1)
+            async with httpx.AsyncClient(base_url=server.base_url) as http:
+                ready = (await http.get("/readyz")).json()
+        finally:
+            await client.close()
+    assert [f["row"]["k"] for f in frames] == [1]
+    assert ready["listener"]["connections"] == {"direct": 1, "asgi": 0}
