@@ -2,7 +2,7 @@
 
 Lifecycle (one per worker process):
     startup   engine (pool) -> stream pipeline (listener, watchdog, pruner)
-    serving   requests use the pool through `SessionDep`; /ws sessions use the pipeline's hub
+    serving   requests use the pool through `TransactionDep` / `ReadConnectionDep`; /ws uses the pipeline's hub
     shutdown  in reverse: stream pipeline (WebSockets closed with 1012) -> engine
 """
 
@@ -17,12 +17,12 @@ from typing import TypedDict
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from realtime import __version__, health
 from realtime.config import Settings, get_settings
-from realtime.db import create_engine, read_sessionmaker_for, sessionmaker_for
+from realtime.db import autocommit, create_engine
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
@@ -40,8 +40,7 @@ STREAM_PATH = "/ws"
 class State(TypedDict):
     settings: Settings
     engine: AsyncEngine
-    sessionmaker: async_sessionmaker[AsyncSession]
-    read_sessionmaker: async_sessionmaker[AsyncSession]
+    read_engine: AsyncEngine
     stream: StreamPipeline
 
 
@@ -63,8 +62,7 @@ def create_app(settings: Settings) -> FastAPI:
                 yield State(
                     settings=settings,
                     engine=engine,
-                    sessionmaker=sessionmaker_for(engine),
-                    read_sessionmaker=read_sessionmaker_for(engine),
+                    read_engine=autocommit(engine),
                     stream=stream,
                 )
             finally:

@@ -1,6 +1,7 @@
-"""The SQLAlchemy engine of a process and the per-request session dependency.
+"""The SQLAlchemy engine of a process and the per-request connection dependencies.
 
-A request's session commits when the route returns and rolls back when it raises, so routes never commit.
+A writing request's transaction commits when the route returns and rolls back when it raises, so routes never
+commit; a reading request gets an autocommit connection.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Annotated, Any
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from realtime.config import Settings
 from realtime.dsn import Dsn
@@ -51,34 +52,28 @@ def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
     )
 
 
-def sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, with connections handed out in autocommit: a single-statement read costs one round trip
+    (not BEGIN, SELECT, ROLLBACK), and each statement sees the latest committed state."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def read_sessionmaker_for(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    """Sessions for single-statement reads: autocommit, so a GET costs one round trip, not BEGIN/SELECT/ROLLBACK."""
-    return async_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+async def get_transaction(request: Request) -> AsyncIterator[AsyncConnection]:
+    """One transaction per request: committed if the route succeeds, rolled back if it raises."""
+    engine: AsyncEngine = request.state.engine
+    async with engine.begin() as conn:
+        yield conn
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed if the route succeeds, rolled back if it raises."""
-    factory: async_sessionmaker[AsyncSession] = request.state.sessionmaker
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+async def get_read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """One autocommit connection per read-only request."""
+    engine: AsyncEngine = request.state.read_engine
+    async with engine.connect() as conn:
+        yield conn
 
 
-async def get_read_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One autocommit session per read-only request: each statement reads the latest committed state."""
-    factory: async_sessionmaker[AsyncSession] = request.state.read_sessionmaker
-    async with factory() as session:
-        yield session
-
-
-# scope="function": the commit happens before the response is sent, so a failed commit is never a 2xx.
-SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
-ReadSessionDep = Annotated[AsyncSession, Depends(get_read_session, scope="function")]
+# The API speaks SQLAlchemy Core on connections: it maps no ORM classes, so a Session would only add its
+# bookkeeping to every request. scope="function": the commit happens before the response is sent, so a
+# failed commit is never a 2xx.
+TransactionDep = Annotated[AsyncConnection, Depends(get_transaction, scope="function")]
+ReadConnectionDep = Annotated[AsyncConnection, Depends(get_read_connection, scope="function")]

@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, Table, Text, delete, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from realtime.users.schemas import User
 
@@ -40,9 +40,9 @@ def _sqlstate(error: IntegrityError) -> str | None:
     return str(code) if code is not None else None
 
 
-async def _returning_user(session: AsyncSession, statement: Any) -> User | None:
+async def _returning_user(db: AsyncConnection, statement: Any) -> User | None:
     try:
-        result = await session.execute(statement.returning(*users.c))
+        result = await db.execute(statement.returning(*users.c))
     except IntegrityError as error:
         if _sqlstate(error) == UNIQUE_VIOLATION:
             raise EmailTaken from error
@@ -51,38 +51,38 @@ async def _returning_user(session: AsyncSession, statement: Any) -> User | None:
     return User.model_validate(dict(row)) if row is not None else None
 
 
-async def insert(session: AsyncSession, name: str, email: str) -> User:
-    user = await _returning_user(session, users.insert().values(name=name, email=email))
+async def insert(db: AsyncConnection, name: str, email: str) -> User:
+    user = await _returning_user(db, users.insert().values(name=name, email=email))
     assert user is not None
     return user
 
 
-async def get(session: AsyncSession, user_id: int) -> User | None:
-    row = (await session.execute(select(users).where(users.c.id == user_id))).mappings().one_or_none()
+async def get(db: AsyncConnection, user_id: int) -> User | None:
+    row = (await db.execute(select(users).where(users.c.id == user_id))).mappings().one_or_none()
     return User.model_validate(dict(row)) if row is not None else None
 
 
-async def page(session: AsyncSession, after: int, limit: int) -> tuple[list[User], bool]:
+async def page(db: AsyncConnection, after: int, limit: int) -> tuple[list[User], bool]:
     """Up to `limit` users with id > `after` in id order, and whether more follow."""
     statement = select(users).where(users.c.id > after).order_by(users.c.id).limit(limit + 1)
-    rows = (await session.execute(statement)).mappings().all()
+    rows = (await db.execute(statement)).mappings().all()
     return [User.model_validate(dict(row)) for row in rows[:limit]], len(rows) > limit
 
 
 async def update_fields(
-    session: AsyncSession, user_id: int, changes: dict[str, Any], versions: frozenset[int] | None
+    db: AsyncConnection, user_id: int, changes: dict[str, Any], versions: frozenset[int] | None
 ) -> User | None:
     """Apply `changes`; None when no row has this id (and, unless `versions` is None, one of these versions)."""
     statement = update(users).where(users.c.id == user_id).values(**changes)
     if versions is not None:
         statement = statement.where(users.c.version.in_(versions))
-    return await _returning_user(session, statement)
+    return await _returning_user(db, statement)
 
 
-async def delete_row(session: AsyncSession, user_id: int, versions: frozenset[int] | None) -> bool:
+async def delete_row(db: AsyncConnection, user_id: int, versions: frozenset[int] | None) -> bool:
     """Delete the row; False when no row has this id (and, unless `versions` is None, one of these versions)."""
     statement = delete(users).where(users.c.id == user_id)
     if versions is not None:
         statement = statement.where(users.c.version.in_(versions))
-    result = await session.execute(statement.returning(users.c.id))
+    result = await db.execute(statement.returning(users.c.id))
     return result.first() is not None

@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
-from realtime.db import ReadSessionDep, SessionDep
+from realtime.db import ReadConnectionDep, TransactionDep
 from realtime.errors import PROBLEM_JSON, Problem
 from realtime.users import service
 from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
@@ -34,8 +34,8 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     responses=_problems(400, 409, 422),
     summary="Create a user",
 )
-async def create_user(body: UserCreate, session: SessionDep, response: Response) -> User:
-    user = await service.create(session, body)
+async def create_user(body: UserCreate, db: TransactionDep, response: Response) -> User:
+    user = await service.create(db, body)
     response.headers["Location"] = f"/users/{user.id}"
     response.headers["ETag"] = service.etag(user)
     return user
@@ -43,25 +43,25 @@ async def create_user(body: UserCreate, session: SessionDep, response: Response)
 
 @router.get("", responses=_problems(422), summary="List users, keyset-paginated by id")
 async def list_users(
-    session: ReadSessionDep,
+    db: ReadConnectionDep,
     limit: Annotated[int, Query(ge=1, le=500, description="Page size.")] = 50,
     after: Annotated[int, Query(ge=0, le=MAX_ID, description="Return users with id greater than this.")] = 0,
 ) -> UserPage:
-    return await service.list_page(session, after, limit)
+    return await service.list_page(db, after, limit)
 
 
 @router.get("/{user_id}", responses=_problems(404, 422), summary="Get one user")
-async def get_user(user_id: UserId, session: ReadSessionDep, response: Response) -> User:
-    user = await service.get(session, user_id)
+async def get_user(user_id: UserId, db: ReadConnectionDep, response: Response) -> User:
+    user = await service.get(db, user_id)
     response.headers["ETag"] = service.etag(user)
     return user
 
 
 @router.patch("/{user_id}", responses=_problems(400, 404, 409, 412, 422), summary="Update some fields of a user")
 async def update_user(
-    user_id: UserId, body: UserUpdate, session: SessionDep, response: Response, if_match: IfMatch = None
+    user_id: UserId, body: UserUpdate, db: TransactionDep, response: Response, if_match: IfMatch = None
 ) -> User:
-    user = await service.update(session, user_id, body, if_match)
+    user = await service.update(db, user_id, body, if_match)
     response.headers["ETag"] = service.etag(user)
     return user
 
@@ -74,5 +74,5 @@ async def update_user(
     responses=_problems(404, 412, 422),
     summary="Delete a user",
 )
-async def delete_user(user_id: UserId, session: SessionDep, if_match: IfMatch = None) -> None:
-    await service.delete(session, user_id, if_match)
+async def delete_user(user_id: UserId, db: TransactionDep, if_match: IfMatch = None) -> None:
+    await service.delete(db, user_id, if_match)

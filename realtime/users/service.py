@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from realtime.errors import Conflict, NotFound, PreconditionFailed
 from realtime.users import repository
@@ -43,46 +43,46 @@ def _email_taken(email: str) -> Conflict:
     return Conflict(f"a user with email {email!r} already exists")
 
 
-async def create(session: AsyncSession, body: UserCreate) -> User:
+async def create(db: AsyncConnection, body: UserCreate) -> User:
     try:
-        return await repository.insert(session, body.name, str(body.email))
+        return await repository.insert(db, body.name, str(body.email))
     except repository.EmailTaken:
         raise _email_taken(str(body.email)) from None
 
 
-async def get(session: AsyncSession, user_id: int) -> User:
-    user = await repository.get(session, user_id)
+async def get(db: AsyncConnection, user_id: int) -> User:
+    user = await repository.get(db, user_id)
     if user is None:
         raise NotFound(f"no user with id {user_id}")
     return user
 
 
-async def list_page(session: AsyncSession, after: int, limit: int) -> UserPage:
-    items, more = await repository.page(session, after, limit)
+async def list_page(db: AsyncConnection, after: int, limit: int) -> UserPage:
+    items, more = await repository.page(db, after, limit)
     return UserPage(items=items, next_after=items[-1].id if more else None)
 
 
-async def update(session: AsyncSession, user_id: int, body: UserUpdate, if_match: str | None) -> User:
+async def update(db: AsyncConnection, user_id: int, body: UserUpdate, if_match: str | None) -> User:
     changes = body.model_dump(exclude_unset=True)
     if "email" in changes:
         changes["email"] = str(changes["email"])
     try:
-        user = await repository.update_fields(session, user_id, changes, expected_versions(if_match))
+        user = await repository.update_fields(db, user_id, changes, expected_versions(if_match))
     except repository.EmailTaken:
         raise _email_taken(changes["email"]) from None
     if user is None:
-        raise await _why_not_found(session, user_id)
+        raise await _why_not_found(db, user_id)
     return user
 
 
-async def delete(session: AsyncSession, user_id: int, if_match: str | None) -> None:
-    if not await repository.delete_row(session, user_id, expected_versions(if_match)):
-        raise await _why_not_found(session, user_id)
+async def delete(db: AsyncConnection, user_id: int, if_match: str | None) -> None:
+    if not await repository.delete_row(db, user_id, expected_versions(if_match)):
+        raise await _why_not_found(db, user_id)
 
 
-async def _why_not_found(session: AsyncSession, user_id: int) -> NotFound | PreconditionFailed:
+async def _why_not_found(db: AsyncConnection, user_id: int) -> NotFound | PreconditionFailed:
     """A conditional write touched no row: the row is gone (404) or its version moved on (412)."""
-    current = await repository.get(session, user_id)
+    current = await repository.get(db, user_id)
     if current is None:
         return NotFound(f"no user with id {user_id}")
     return PreconditionFailed(
