@@ -68,7 +68,11 @@ FULL = Sizes(
     filter_rate=50,
     filter_seconds=20,
     filter_rows_changed=4,
-    filter_idle_seconds=5,
+    # One keepalive interval of the servers that ping (WS_PING_INTERVAL_S, uvicorn's default: 20 s): every
+    # connection pings once in the idle sample as in the 20 s window, so subtracting the idle rate removes the
+    # ping traffic, which grows with open connections, not with changes. With 5 s the 10,000-connection window
+    # caught a whole round of pings that the sample had missed (0.5 ms per change of apparent growth).
+    filter_idle_seconds=20,
     filter_frame_budget=300_000,
 )
 
