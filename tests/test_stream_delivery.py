@@ -10,6 +10,7 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
+from asyncpg.transaction import Transaction
 
 from realtime.dsn import Dsn
 from tests.support.server import ServerProcess, running_server
@@ -104,11 +105,8 @@ async def test_a_later_commit_never_overtakes_an_open_position(
     client = await StreamClient.open(server.ws_url)
     try:
         await client.subscribe("t", table=table)
-        # T1 writes first and even takes its position first (IMMEDIATE fires the capture trigger now)...
-        t1 = early_writer.transaction()
-        await t1.start()
-        await early_writer.execute(f"INSERT INTO {table} (k) VALUES (1)")
-        await early_writer.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        # T1 writes first and even takes its position first...
+        t1 = await _hold_a_position(early_writer, table, 1)
         # ...then T2 writes and commits while T1 is still open: writers do not wait for one another...
         await asyncio.wait_for(late_writer.execute(f"INSERT INTO {table} (k) VALUES (2)"), 10)
         # ...but the server may not publish T2 before T1 ends: its read waits for T1's position to be final.
@@ -148,10 +146,7 @@ async def test_a_rolled_back_position_holder_delays_nothing_for_long(
     client = await StreamClient.open(server.ws_url)
     try:
         await client.subscribe("t", table=table)
-        t1 = holder.transaction()
-        await t1.start()
-        await holder.execute(f"INSERT INTO {table} (k) VALUES (1)")
-        await holder.execute("SET CONSTRAINTS ALL IMMEDIATE")  # T1 now holds a position and the notify token
+        t1 = await _hold_a_position(holder, table, 1)  # and the notify token: it is the only writer yet
         for k in (2, 3):
             await db.execute(f"INSERT INTO {table} (k) VALUES ($1)", k)
         await t1.rollback()
@@ -161,6 +156,15 @@ async def test_a_rolled_back_position_holder_delays_nothing_for_long(
     finally:
         await client.close()
         await holder.close()
+
+
+async def _hold_a_position(conn: asyncpg.Connection, table: str, k: int) -> Transaction:
+    """An open transaction that has inserted a row and already taken its position (IMMEDIATE fires capture now)."""
+    transaction = conn.transaction()
+    await transaction.start()
+    await conn.execute(f"INSERT INTO {table} (k) VALUES ($1)", k)
+    await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    return transaction
 
 
 async def _listener_pid(db: asyncpg.Connection) -> int:
