@@ -6,9 +6,10 @@ Lifecycle:
     catching up   LISTEN is registered (and, autocommit, committed) *before* reading, so a change committed
                   meanwhile is either read now or wakes us later; then every change after the hub's position
                   up to the stable position is read in batches and published
-    live          each NOTIFY wakes the reader; every heartbeat interval a self-NOTIFY must come back through
-                  this very connection within the timeout, which catches half-open TCP that asyncpg alone
-                  would never notice; each heartbeat also reads, so a lost wake-up costs at most one interval
+    live          each NOTIFY wakes the reader (under a stream of commits, at most one read per 2 ms); every
+                  heartbeat interval a self-NOTIFY must come back through this very connection within the
+                  timeout, which catches half-open TCP that asyncpg alone would never notice; each heartbeat
+                  also reads, so a lost wake-up costs at most one interval
     reconnecting  on any failure the connection is dropped and reopened after a capped, jittered exponential
                   backoff; catching up from the hub's position means subscribers see no gap
 
