@@ -70,6 +70,7 @@ class Outbox:
         "_room",
         "_send",
         "_send_timeout",
+        "_seqs",
         "_sink",
         "_writer",
         "last_seq_sent",
@@ -82,7 +83,10 @@ class Outbox:
         self._send = send  # ASGI send: used for the close frame, so the server's protocol state stays right
         self._max_frames = max_frames
         self._send_timeout = send_timeout
-        self._frames: list[tuple[int, bytes]] = []
+        # Queued frames, and beside them their positions (0 for replies): the fast path writes the frames list
+        # as it is, and only the frame-by-frame ASGI path reads positions one at a time.
+        self._frames: list[bytes] = []
+        self._seqs: list[int] = []
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._writer: asyncio.Task[None] | None = None
@@ -107,7 +111,8 @@ class Outbox:
         if len(self._frames) >= self._max_frames:
             self.close(CLOSE_TOO_SLOW, "too slow")
             return
-        self._frames.append((seq, frame))
+        self._frames.append(frame)
+        self._seqs.append(seq)
         if seq > self._queued_seq:
             self._queued_seq = seq
         if not self._flush_scheduled and self._writer is None:
@@ -134,7 +139,7 @@ class Outbox:
         if code == CLOSE_TOO_SLOW:
             _log.info("closing a WebSocket that could not keep up (4008) at last_seq=%d", self.last_seq_sent)
         self._close = (code, why, self._send_timeout if timeout is None else timeout)
-        self._frames.clear()
+        self._drop_queued()
         self._signal_room()
         if self._writer is not None:
             self._writer.cancel()  # it may be waiting for a transport that never drains
@@ -142,7 +147,7 @@ class Outbox:
 
     def discard(self) -> None:
         """The connection is over: stop any writer and drop what is queued."""
-        self._frames.clear()
+        self._drop_queued()
         if self._writer is not None and self._close is None:
             self._writer.cancel()
             self._writer = None
@@ -152,7 +157,7 @@ class Outbox:
         if self._close is not None or not self._frames or self._writer is not None:
             return
         if self._sink.gone():
-            self._frames.clear()
+            self._drop_queued()
         elif self._sink.direct and self._sink.writable():
             self._write_queued()
         else:
@@ -162,13 +167,16 @@ class Outbox:
         frames = self._frames
         if not frames:  # dropped while we waited (closed or disconnected)
             return
-        batch = [frame for _, frame in frames]
+        self._sink.write(frames)
         # Cleared in place, not replaced: a fresh list per flush per connection would outlive the flush and be
         # promoted into the garbage collector's old generation, making full collections frequent and long.
-        frames.clear()
-        self._sink.write(batch)
+        self._drop_queued()
         self.last_seq_sent = self._queued_seq
         self._signal_room()
+
+    def _drop_queued(self) -> None:
+        self._frames.clear()
+        self._seqs.clear()
 
     def _signal_room(self) -> None:
         if self._room is not None:
@@ -179,7 +187,7 @@ class Outbox:
         try:
             while self._frames and self._close is None:
                 if self._sink.gone():
-                    self._frames.clear()
+                    self._drop_queued()
                 elif self._sink.direct:
                     if not self._sink.writable():
                         self.sending_since = self._loop.time()
@@ -187,7 +195,7 @@ class Outbox:
                         self.sending_since = None
                     self._write_queued()
                 else:
-                    seq, frame = self._frames.pop(0)
+                    frame, seq = self._frames.pop(0), self._seqs.pop(0)
                     self._signal_room()
                     self.sending_since = self._loop.time()
                     await self._sink.send(frame)
@@ -197,7 +205,7 @@ class Outbox:
         except asyncio.CancelledError:
             raise
         except Exception:  # the peer went away mid-send; nothing more can reach it
-            self._frames.clear()
+            self._drop_queued()
             self._sink.abort()
         finally:
             if self._close is None:
