@@ -14,6 +14,8 @@ from pathlib import Path
 import asyncpg
 
 from bench.proc import cpu_seconds
+from realtime import embedded
+from realtime.dsn import Dsn
 
 PG_BASE = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 REALTIME_DB = "bench_realtime"
@@ -35,14 +37,7 @@ def realtime_cli() -> Path:
 async def ensure_database(name: str) -> None:
     if not name.startswith("bench_"):
         raise ValueError(f"refusing to manage a database outside the bench namespace: {name}")
-    conn = await asyncpg.connect(dsn("postgres"))
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            # Identifiers cannot be bound as parameters; `name` is checked above and comes from constants.
-            await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
+    await embedded.ensure_database(Dsn.parse(dsn("postgres")), name)  # `name` is checked above, from constants
 
 
 async def setup_peers_db() -> None:

@@ -48,20 +48,19 @@ def start_embedded(data_dir: Path) -> EmbeddedServer:
     fresh = not (data_dir / "PG_VERSION").exists()
     handle = get_server(data_dir, cleanup_mode="stop")
     admin = Dsn.parse(handle.get_uri("postgres"))
-    _ensure_database(admin, DATABASE_NAME)
+    asyncio.run(ensure_database(admin, DATABASE_NAME))
     url = admin.with_database(DATABASE_NAME)
     _log.info("embedded PostgreSQL %s in %s (%s)", "initialised" if fresh else "reused", data_dir, url.redacted())
     return EmbeddedServer(data_dir=data_dir, url=url, handle=handle)
 
 
-def _ensure_database(admin: Dsn, name: str) -> None:
-    async def create() -> None:
-        conn = await asyncpg.connect(admin.asyncpg())
-        try:
-            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-            if not exists:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
+async def ensure_database(admin: Dsn, name: str) -> None:
+    """Create database `name` through the `admin` connection URL unless it exists (`name` must be trusted)."""
+    conn = await asyncpg.connect(admin.asyncpg())
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            # Identifiers cannot be bound as parameters.
+            await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
