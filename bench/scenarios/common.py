@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import db
 from bench.config import SHARD_THRESHOLD, Sizes
@@ -23,6 +24,8 @@ from bench.servers import ServerSpec
 from bench.shards import OpenReport, SubscriberPool, Window
 from bench.stats import per_thousand, percentiles
 from bench.writers import ChangeWriters, Mode, WriteStats
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -54,6 +57,15 @@ class Context:
 def alternate(servers: list[ServerSpec], round_index: int) -> list[ServerSpec]:
     """Odd rounds run the servers in reverse, so drift on a shared machine hits every server alike."""
     return list(reversed(servers)) if round_index % 2 else list(servers)
+
+
+async def attempt(result: ScenarioResult, what: str, run: Awaitable[T]) -> T | None:
+    """Await one contender's run; a failure becomes a note (`<what> failed: ...`) instead of ending the scenario."""
+    try:
+        return await run
+    except Exception as exc:
+        result.notes.append(f"{what} failed: {exc}")
+        return None
 
 
 async def prepare(ctx: Context, spec: ServerSpec, *, streaming: bool = True) -> bool:

@@ -17,7 +17,7 @@ from typing import Any
 from bench import db
 from bench.config import FILTER_CPU_GROWTH
 from bench.report import ScenarioResult, Target
-from bench.scenarios.common import Context, StreamRun, alternate, measure, prepare, require_open
+from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
 from bench.servers import ServerSpec, running
 from bench.shards import SubscriberPool
 from bench.stats import median, ratio
@@ -104,10 +104,8 @@ async def run(ctx: Context) -> ScenarioResult:
             for spec in alternate(ctx.contenders("realtime", "node", "tutorial"), order):
                 if not await prepare(ctx, spec):
                     continue
-                try:
-                    one_run = await one(ctx, spec, subscribers)
-                except Exception as exc:
-                    result.notes.append(f"{spec.name} at {subscribers} failed: {exc}")
+                one_run = await attempt(result, f"{spec.name} at {subscribers}", one(ctx, spec, subscribers))
+                if one_run is None:
                     continue
                 s = one_run.summary()
                 cpu_ms = _cpu_per_change_ms(one_run)

@@ -15,7 +15,7 @@ from typing import Any
 from bench.config import IDLE_KIB_PER_CONN
 from bench.proc import tree_cpu_seconds, tree_rss_bytes
 from bench.report import ScenarioResult, Target
-from bench.scenarios.common import Context, alternate, prepare, require_open
+from bench.scenarios.common import Context, alternate, attempt, prepare, require_open
 from bench.servers import ServerSpec, running
 from bench.shards import SubscriberPool
 from bench.stats import median, ratio
@@ -68,10 +68,8 @@ async def run(ctx: Context) -> ScenarioResult:
         for spec in alternate(ctx.contenders("realtime", "node", "tutorial"), round_index):
             if not await prepare(ctx, spec):
                 continue
-            try:
-                res = await one(ctx, spec)
-            except Exception as exc:
-                result.notes.append(f"{spec.name} round {round_index + 1} failed: {exc}")
+            res = await attempt(result, f"{spec.name} round {round_index + 1}", one(ctx, spec))
+            if res is None:
                 continue
             result.runs.append({"round": round_index + 1, **res})
             for p in res["points"]:

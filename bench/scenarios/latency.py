@@ -8,7 +8,7 @@ from typing import Any
 from bench import db
 from bench.config import P50_LIMIT_MS, P99_LIMIT_MS
 from bench.report import ScenarioResult, Target
-from bench.scenarios.common import Context, StreamRun, alternate, measure, prepare, require_open
+from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
 from bench.servers import running
 from bench.shards import SubscriberPool
 from bench.stats import median, ratio
@@ -105,12 +105,14 @@ async def run(ctx: Context) -> ScenarioResult:
         for spec in alternate(ctx.contenders("realtime", "node", "tutorial"), round_index):
             if not await prepare(ctx, spec):
                 continue
-            try:
-                one = await run_one(
+            one = await attempt(
+                result,
+                f"{spec.name} round {round_index + 1}",
+                run_one(
                     ctx, spec.name, sz.latency_subscribers, sz.latency_rate, sz.latency_seconds, sz.latency_writers
-                )
-            except Exception as exc:
-                result.notes.append(f"{spec.name} round {round_index + 1} failed: {exc}")
+                ),
+            )
+            if one is None:
                 continue
             result.rows.append(row(one, round_index))
             result.runs.append({"round": round_index + 1, **one.summary()})

@@ -15,7 +15,7 @@ from bench.config import REST_VS_SEED
 from bench.httpload import HttpResult, get_request, json_request, run_http_load
 from bench.proc import CpuWindow
 from bench.report import ScenarioResult, Target
-from bench.scenarios.common import Context, alternate, prepare
+from bench.scenarios.common import Context, alternate, attempt, prepare
 from bench.servers import ServerSpec, running
 from bench.stats import median, per_thousand, percentiles, ratio
 
@@ -103,10 +103,8 @@ async def run(ctx: Context) -> ScenarioResult:
             # The seed app is a plain REST app: its table carries no NOTIFY trigger.
             if not await prepare(ctx, spec, streaming=spec.kind == "realtime"):
                 continue
-            try:
-                res = await one(ctx, spec)
-            except Exception as exc:
-                result.notes.append(f"{spec.name} round {round_index + 1} failed: {exc}")
+            res = await attempt(result, f"{spec.name} round {round_index + 1}", one(ctx, spec))
+            if res is None:
                 continue
             result.runs.append({"round": round_index + 1, **res})
             for endpoint in endpoints:

@@ -18,7 +18,7 @@ from typing import Any
 from bench import db
 from bench.config import MAX_RATE_VS_NODE, SATURATION_P99_MS
 from bench.report import ScenarioResult, Target
-from bench.scenarios.common import Context, StreamRun, alternate, measure, prepare, require_open
+from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
 from bench.servers import ServerSpec, running
 from bench.shards import SubscriberPool
 from bench.stats import median, ratio
@@ -141,10 +141,8 @@ async def run(ctx: Context) -> ScenarioResult:
             for spec in alternate(ctx.contenders("realtime", "node", "tutorial"), order):
                 if not await prepare(ctx, spec):
                     continue
-                try:
-                    one = await climb(ctx, spec, subscribers)
-                except Exception as exc:
-                    result.notes.append(f"{spec.name} at {subscribers} subscribers failed: {exc}")
+                one = await attempt(result, f"{spec.name} at {subscribers} subscribers", climb(ctx, spec, subscribers))
+                if one is None:
                     continue
                 result.runs.append(one)
                 result.rows.append(
