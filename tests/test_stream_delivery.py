@@ -13,8 +13,10 @@ import orjson
 from asyncpg.transaction import Transaction
 
 from realtime.dsn import Dsn
+from tests.support.faults import listener_pids
 from tests.support.server import ServerProcess, running_server
 from tests.support.tables import apply_changes, committed_changes, create_streamed_table, head, table_rows
+from tests.support.waiting import eventually
 from tests.support.ws import StreamClient
 
 
@@ -111,7 +113,8 @@ async def test_a_later_commit_never_overtakes_an_open_position(
         await asyncio.wait_for(late_writer.execute(f"INSERT INTO {table} (k) VALUES (2)"), 10)
         # ...but the server may not publish T2 before T1 ends: its read waits for T1's position to be final.
         await db.execute("NOTIFY realtime_changes")
-        await _wait_until_blocked(db, await _listener_pid(db))
+        (listener_pid,) = await listener_pids(db)
+        await _wait_until_blocked(db, listener_pid)
         await t1.commit()
         first, second = await client.changes(2)
         assert (first["row"]["k"], second["row"]["k"]) == (1, 2)
@@ -167,19 +170,13 @@ async def _hold_a_position(conn: asyncpg.Connection, table: str, k: int) -> Tran
     return transaction
 
 
-async def _listener_pid(db: asyncpg.Connection) -> int:
-    pid = await db.fetchval(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'realtime-listener' AND datname = current_database()"
-    )
-    assert pid is not None
-    return int(pid)
-
-
 async def _wait_until_blocked(db: asyncpg.Connection, pid: int) -> None:
-    """Poll pg_blocking_pids until the backend waits on a lock (there is no event to wait on)."""
-    async with asyncio.timeout(10):
-        while not await db.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+    """Until the backend waits on a lock (no event announces it)."""
+
+    async def blocked() -> bool:
+        return bool(await db.fetchval("SELECT cardinality(pg_blocking_pids($1)) > 0", pid))
+
+    await eventually(blocked, 10, f"backend {pid} waiting on a lock", interval=0.01)
 
 
 async def test_resume_with_since_delivers_exactly_the_missed_changes(

@@ -22,7 +22,7 @@ from playwright.async_api import Browser, BrowserContext, Page, ViewportSize, as
 
 from realtime.dsn import Dsn
 from tests.support.browser import DESKTOP, PHONE, STREAM_TIMEOUT_MS, DemoPage, launch
-from tests.support.faults import FAST_RECOVERY
+from tests.support.faults import FAST_RECOVERY, LISTENER_APPLICATION_NAME
 from tests.support.server import ServerProcess
 from tests.support.waiting import eventually
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 
 KILL_LISTENER = (
     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE application_name = 'realtime-listener' AND datname = current_database()"
+    f" WHERE application_name = '{LISTENER_APPLICATION_NAME}' AND datname = current_database()"
 )
 NOT_EMPTY = re.compile(r"\S")
 OpenPage = Callable[..., Awaitable[DemoPage]]

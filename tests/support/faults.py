@@ -24,12 +24,12 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime import migrate
 from realtime.dsn import Dsn
+from realtime.stream.listener import APPLICATION_NAME as LISTENER_APPLICATION_NAME
 from tests.support.databases import create_database, drop_database
 from tests.support.server import ServerProcess
 from tests.support.waiting import eventually
 
 Frame = dict[str, Any]
-LISTENER_APPLICATION_NAME = "realtime-listener"
 # Settings that make a server notice a lost link and come back quickly (the defaults suit production).
 FAST_RECOVERY = {
     "LISTENER_BACKOFF_INITIAL_S": "0.05",
