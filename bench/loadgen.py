@@ -11,9 +11,9 @@ line on stdout:
     status               -> open subscribers, RSS, CPU
     quit                 -> drop every connection and exit
 
-Subscribers are asyncio Protocols around websockets' sans-I/O client, so a frame costs one parser step and
-a few `bytes.find`s: no task, future or queue per message, and no JSON decoding. Only `seq`, `ts` and, when
-filtering, the row's `id` are read from a frame.
+Subscribers are asyncio Protocols speaking WebSocket through `bench.wsframes`, so a frame costs one slice
+and a few `bytes.find`s: no task, future or queue per message, no UTF-8 check and no JSON decoding. Only
+`seq`, `ts` and, when filtering, the row's `id` are read from a frame.
 """
 
 from __future__ import annotations
@@ -32,20 +32,14 @@ from datetime import datetime
 from typing import Any, TypeVar, cast
 from urllib.parse import urlsplit
 
-from websockets.client import ClientProtocol
-from websockets.frames import Frame, Opcode
-from websockets.uri import parse_uri
-
+from bench import wsframes
 from bench.proc import raise_nofile_limit, self_cpu_seconds, tree_rss_bytes
 
 _SEQ = re.compile(rb'"seq"\s*:\s*(-?\d+)')
-_TS = re.compile(rb'"ts"\s*:\s*"([^"]+)"')
 _ID = re.compile(rb'"id"\s*:\s*(-?\d+)')
 T = TypeVar("T")
 
-_TEXT = Opcode.TEXT
-_CONT = Opcode.CONT
-_CLOSE = Opcode.CLOSE
+_TEXT_FINAL = wsframes.FIN | wsframes.OP_TEXT
 
 # Every subscriber receives the same change, so the same `ts` string arrives N times: parse it once.
 _ts_cache: dict[bytes, float] = {}
@@ -75,7 +69,7 @@ class ShardWindow:
     last: float = 0.0
     latencies: array[float] = field(default_factory=lambda: array("d"))
     closes: Counter[int] = field(default_factory=Counter)
-    last_frame_mono: float = 0.0
+    last_frame_at: float = 0.0  # time.time() of the last socket read
 
 
 class Subscriber(asyncio.Protocol):
@@ -84,9 +78,11 @@ class Subscriber(asyncio.Protocol):
     def __init__(self, shard: Shard, key: int | None) -> None:
         self.shard = shard
         self.key = key  # the row id this subscriber filters on, or None for every change
-        self.ws = ClientProtocol(shard.uri, max_size=None)
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.upgraded = False
+        self.accept = b""
+        self.pending = b""  # bytes of an incomplete handshake reply or frame
         self.live = False
         self.last_seq = 0
         self.base_seq = 0
@@ -99,42 +95,41 @@ class Subscriber(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
-        self.ws.send_request(self.ws.connect())
-        self._flush()
+        request, self.accept = wsframes.handshake_request(self.shard.host, self.shard.port, self.shard.path)
+        self.transport.write(request)
 
     def data_received(self, data: bytes) -> None:
         # One clock read per socket read: frames that arrived together share their arrival time.
         now = time.time()
-        self.shard.window.last_frame_mono = time.monotonic()
-        ws = self.ws
-        ws.receive_data(data)
-        for event in ws.events_received():
-            if type(event) is not Frame:
-                self._on_handshake()
-                continue
-            opcode = event.opcode
-            if opcode is _TEXT:
-                # The parser hands out bytes; the wider declared type is for its callers' benefit.
-                payload = cast(bytes, event.data)
-                if event.fin:
-                    self._on_text(payload, now)
-                else:
-                    self.partial = [payload]
-            elif opcode is _CONT and self.partial:
-                self.partial.append(cast(bytes, event.data))
-                if event.fin:
+        self.shard.window.last_frame_at = now
+        if self.pending:
+            data = self.pending + data
+        try:
+            if not self.upgraded:
+                data = self._upgrade(data)
+            frames, self.pending = wsframes.split_frames(data)
+        except wsframes.ProtocolError as exc:
+            self.pending = b""
+            self._abort(str(exc))
+            return
+        for first_byte, payload in frames:
+            if first_byte == _TEXT_FINAL:
+                self._on_text(payload, now)
+            elif first_byte & 0x0F == wsframes.OP_TEXT:
+                self.partial = [payload]
+            elif first_byte & 0x0F == wsframes.OP_CONT and self.partial:
+                self.partial.append(payload)
+                if first_byte & wsframes.FIN:
                     whole, self.partial = b"".join(self.partial), []
                     self._on_text(whole, now)
-            elif opcode is _CLOSE:
-                code = ws.close_code or 1005
+            elif first_byte & 0x0F == wsframes.OP_PING:
+                self._send(wsframes.OP_PONG, payload)
+            elif first_byte & 0x0F == wsframes.OP_CLOSE:
+                code = wsframes.close_code(payload)
                 self.shard.window.closes[code] += 1
-                self._fail(f"closed by server with {code} {ws.close_reason or ''}")
-        self._flush()
-
-    def eof_received(self) -> bool | None:
-        self.ws.receive_eof()
-        self._flush()
-        return None
+                self._send(wsframes.OP_CLOSE, payload[:2])
+                self._abort(f"closed by server with {code} {payload[2:].decode(errors='replace')}")
+                return
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.live = False
@@ -143,31 +138,39 @@ class Subscriber(asyncio.Protocol):
 
     # helpers
 
-    def _flush(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        for chunk in self.ws.data_to_send():
-            if chunk:
-                transport.write(chunk)
-            elif transport.can_write_eof():
-                transport.write_eof()
+    def _upgrade(self, data: bytes) -> bytes:
+        """Check the handshake reply once it is whole; return the bytes after it (frames already sent)."""
+        head_end = data.find(b"\r\n\r\n")
+        if head_end < 0:
+            if len(data) > 16384:
+                raise wsframes.ProtocolError("handshake reply too long")
+            return data
+        wsframes.check_handshake_reply(data[:head_end], self.accept)
+        self.upgraded = True
+        self._on_open()
+        return data[head_end + 4 :]
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(wsframes.client_frame(opcode, payload))
+
+    def _abort(self, reason: str) -> None:
+        self._fail(reason)
+        if self.transport is not None:
+            self.transport.close()
 
     def _fail(self, reason: str) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(reason))
 
-    def _on_handshake(self) -> None:
-        if self.ws.handshake_exc is not None:
-            self._fail(f"handshake failed: {self.ws.handshake_exc}")
-            return
+    def _on_open(self) -> None:
         if self.shard.kind == "peer":
             self._go_live(0)
             return
         subscribe: dict[str, Any] = {"type": "subscribe", "id": "b", "table": "users"}
         if self.key is not None:
             subscribe["filter"] = [{"column": "id", "op": "eq", "value": self.key}]
-        self.ws.send_text(json.dumps(subscribe, separators=(",", ":")).encode())
+        self._send(wsframes.OP_TEXT, json.dumps(subscribe, separators=(",", ":")).encode())
 
     def _go_live(self, seq: int) -> None:
         self.live = True
@@ -178,7 +181,8 @@ class Subscriber(asyncio.Protocol):
 
     def _on_text(self, data: bytes, now: float) -> None:
         window = self.shard.window
-        ts_at = data.find(b'"ts"')
+        # Both realtime and the peers' trigger put `ts` last, after the row: search from the end.
+        ts_at = data.rfind(b'"ts"')
         if ts_at < 0:
             # Not a change: `subscribed`, `error`, `pong`.
             if b'"error"' in data:
@@ -191,8 +195,9 @@ class Subscriber(asyncio.Protocol):
         if not self.live:
             return
         window.frames += 1
-        ts_match = _TS.match(data, ts_at)
-        if ts_match is None:
+        ts_open = data.find(b'"', ts_at + 4)
+        ts_close = data.find(b'"', ts_open + 1)
+        if ts_open < 0 or ts_close < 0:
             window.errors += 1
             return
         if self.key is not None:
@@ -205,11 +210,12 @@ class Subscriber(asyncio.Protocol):
                     window.unexpected += 1
                 return
         if self.shard.kind == "realtime":
-            seq_match = _SEQ.search(data)
-            if seq_match is None:
+            # Realtime writes `"seq":N,` near the start of every change frame.
+            seq_at = data.find(b'"seq":')
+            if seq_at < 0:
                 window.errors += 1
                 return
-            seq = int(seq_match.group(1))
+            seq = int(data[seq_at + 6 : data.find(b",", seq_at)])
             index = seq - self.base_seq
             if index <= 0:
                 # At or before the `subscribed` position: the protocol promises this never arrives.
@@ -231,13 +237,16 @@ class Subscriber(asyncio.Protocol):
         if not window.first:
             window.first = now
         window.last = now
-        window.latencies.append(now - _ts_epoch(ts_match.group(1)))
+        window.latencies.append(now - _ts_epoch(data[ts_open + 1 : ts_close]))
 
 
 class Shard:
     def __init__(self, url: str, kind: str, filter_base: int | None, concurrency: int, lat_path: str) -> None:
         self.url = url
-        self.uri = parse_uri(url)
+        parts = urlsplit(url)
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 80
+        self.path = parts.path or "/"
         self.kind = kind
         self.filter_base = filter_base
         self.concurrency = concurrency
@@ -250,8 +259,6 @@ class Shard:
 
     async def open(self, first: int, count: int) -> dict[str, Any]:
         loop = asyncio.get_running_loop()
-        parts = urlsplit(self.url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
         gate = asyncio.Semaphore(self.concurrency)
         failures: Counter[str] = Counter()
 
@@ -260,7 +267,7 @@ class Shard:
             async with gate:
                 sub = Subscriber(self, key)
                 try:
-                    await asyncio.wait_for(loop.create_connection(lambda: sub, host, port), 30)
+                    await asyncio.wait_for(loop.create_connection(lambda: sub, self.host, self.port), 30)
                     await asyncio.wait_for(sub.ready, 30)
                 except (OSError, ConnectionError, TimeoutError) as exc:
                     failures[f"{type(exc).__name__}: {exc}"[:200]] += 1
@@ -299,6 +306,7 @@ class Shard:
         """
         window = self.window
         started = time.monotonic()
+        started_at = time.time()  # the clock subscribers stamp their reads with
         live = list(self.subscribers)
 
         def expected(sub: Subscriber) -> int:
@@ -310,12 +318,11 @@ class Shard:
         target = sum(expected(sub) for sub in live)
         target_frames = (frames_per_sub or 0) * len(live)
         while True:
-            now = time.monotonic()
             if known and window.deliveries >= target and window.frames >= target_frames:
                 break
-            if now - max(window.last_frame_mono, started) >= quiet_s:
+            if time.time() - max(window.last_frame_at, started_at) >= quiet_s:
                 break
-            if now - started >= deadline_s:
+            if time.monotonic() - started >= deadline_s:
                 break
             await asyncio.sleep(0.02)
         lost = sum(max(0, expected(sub) - sub.count) for sub in live) if known else 0
