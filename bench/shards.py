@@ -1,11 +1,11 @@
-"""The harness side of the load generator: spawns `bench.loadgen` shards and merges what they measure.
+"""The harness side of the load generator: builds and spawns `loadgen.c` shards and merges what they measure.
 
     SubscriberPool(...)  -> start(): spawn S shard processes
                          -> open(n): split n subscribers across the shards (may be called again to add more)
                          -> mark() ... run writers ... collect(): one merged Window
                          -> close(): `quit` each shard, wait for it, kill it by pid if it hangs
 
-With two shards the subscribers' frame parsing runs on both cores, so the load generator stays ahead of a
+With two shards the subscribers' socket reads run on both cores, so the load generator stays ahead of a
 fast server; each shard reports its own CPU so a saturated one is visible in the results.
 """
 
@@ -15,13 +15,16 @@ import asyncio
 import contextlib
 import json
 import math
-import sys
+import os
+import shutil
+import subprocess
 import tempfile
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench.servers import REPO_DIR, RunningServer
 
@@ -55,6 +58,25 @@ class Window:
     latencies: array[float] = field(default_factory=lambda: array("d"))
 
 
+LOADGEN_SOURCE = Path(__file__).with_name("loadgen.c")
+LOADGEN_BINARY = Path(__file__).with_name("build") / "loadgen"
+
+
+def build_loadgen() -> Path:
+    """Compile the shard program unless an up-to-date build exists (`CC`, default cc)."""
+    if LOADGEN_BINARY.exists() and LOADGEN_BINARY.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
+        return LOADGEN_BINARY
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"the load generator needs a C compiler: {compiler} is not on PATH (set CC)")
+    LOADGEN_BINARY.parent.mkdir(exist_ok=True)
+    subprocess.run(
+        [compiler, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN_BINARY), str(LOADGEN_SOURCE)],
+        check=True,
+    )
+    return LOADGEN_BINARY
+
+
 def _read(path: str) -> bytes:
     # A shard's latencies are a few MB at most and read once per window, after the measured part.
     return Path(path).read_bytes()
@@ -65,11 +87,12 @@ class _ShardProcess:
         self.proc = proc
         self.lock = asyncio.Lock()
 
-    async def call(self, command: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def call(self, command: str, timeout: float) -> dict[str, Any]:
+        """Send one command line (see loadgen.c) and return its JSON reply."""
         assert self.proc.stdin is not None
         assert self.proc.stdout is not None
         async with self.lock:
-            self.proc.stdin.write((json.dumps(command) + "\n").encode())
+            self.proc.stdin.write(command.encode() + b"\n")
             await self.proc.stdin.drain()
             line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
         if not line:
@@ -100,19 +123,18 @@ class SubscriberPool:
         await self.close()
 
     async def start(self) -> None:
+        binary = build_loadgen()
+        url = urlsplit(self.server.ws_url)
         for index in range(self.shard_count):
-            config = {
-                "url": self.server.ws_url,
-                "kind": self.server.spec.kind,
-                "filter_base": self.filter_base,
-                "concurrency": self.concurrency,
-                "lat_path": str(Path(self._tmp.name) / f"lat-{index}.bin"),
-            }
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "bench.loadgen",
-                json.dumps(config),
+                str(binary),
+                url.hostname or "127.0.0.1",
+                str(url.port or 80),
+                url.path or "/",
+                self.server.spec.kind,
+                "-" if self.filter_base is None else str(self.filter_base),
+                str(self.concurrency),
+                str(Path(self._tmp.name) / f"lat-{index}.bin"),
                 cwd=REPO_DIR,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
@@ -131,7 +153,7 @@ class SubscriberPool:
             n = min(per, remaining)
             if n <= 0:
                 break
-            calls.append(shard.call({"cmd": "open", "first": first, "count": n}, timeout))
+            calls.append(shard.call(f"open {first} {n}", timeout))
             first += n
             remaining -= n
         replies = await asyncio.gather(*calls)
@@ -144,7 +166,7 @@ class SubscriberPool:
         return report
 
     async def mark(self) -> None:
-        await asyncio.gather(*(s.call({"cmd": "mark"}, 30) for s in self._shards))
+        await asyncio.gather(*(s.call("mark", 30) for s in self._shards))
 
     async def collect(
         self,
@@ -161,13 +183,17 @@ class SubscriberPool:
         subscribers should see this many changes of their row id. With neither, shards wait for quiet.
         `frames_per_sub`: also wait for this many change frames per subscriber, dropped ones included.
         """
-        command: dict[str, Any] = {"cmd": "collect", "quiet_s": quiet_s, "deadline_s": deadline_s}
-        if expected_per_sub is not None:
-            command["expected_per_sub"] = expected_per_sub
-        if expected_by_key is not None:
-            command["expected_by_key"] = {str(k): v for k, v in expected_by_key.items()}
-        if frames_per_sub is not None:
-            command["frames_per_sub"] = frames_per_sub
+        by_key = ",".join(f"{k}:{v}" for k, v in expected_by_key.items()) if expected_by_key is not None else ""
+        command = " ".join(
+            (
+                "collect",
+                str(quiet_s),
+                str(deadline_s),
+                str(-1 if expected_per_sub is None else expected_per_sub),
+                str(-1 if frames_per_sub is None else frames_per_sub),
+                by_key or "-",
+            )
+        )
         replies = await asyncio.gather(*(s.call(command, deadline_s + 60) for s in self._shards))
         merged = Window()
         for reply in replies:
@@ -192,13 +218,13 @@ class SubscriberPool:
         return merged
 
     async def live(self) -> int:
-        replies = await asyncio.gather(*(s.call({"cmd": "status"}, 30) for s in self._shards))
+        replies = await asyncio.gather(*(s.call("status", 30) for s in self._shards))
         return sum(int(r["live"]) for r in replies)
 
     async def close(self) -> None:
         for shard in self._shards:
             with contextlib.suppress(Exception):
-                await shard.call({"cmd": "quit"}, 30)
+                await shard.call("quit", 30)
             try:
                 await asyncio.wait_for(shard.proc.wait(), 30)
             except TimeoutError:
