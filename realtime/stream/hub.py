@@ -40,14 +40,14 @@ class Subscription:
     position: int = 0
     pending: list[tuple[int, bytes]] | None = field(default_factory=list)
 
-    def deliver(self, seq: int, frame: bytes) -> None:
+    def deliver(self, seq: int, frame: bytes, flush: bool = False) -> None:
         if self.pending is not None:
             self.pending.append((seq, frame))
             if len(self.pending) > self.max_pending:
                 self.outbox.close(CLOSE_TOO_SLOW, "too slow")
         elif seq > self.position:
             self.position = seq
-            self.outbox.offer(frame, seq)
+            self.outbox.offer(frame, seq, flush=flush)
 
     def go_live(self, position: int) -> None:
         """Start live delivery after history up to `position` was sent; no change is skipped or repeated."""
@@ -137,11 +137,15 @@ class Hub:
                 del self._tables[sub.table]
 
     def publish(self, changes: Sequence[Change]) -> None:
-        for change in changes:
-            self._publish_one(change)
+        # A batch's last change is written to each socket as soon as it is matched, together with the batch's
+        # earlier frames queued before it: still one write per socket per batch, but the first subscriber no
+        # longer waits until every other subscriber has been matched.
+        last = len(changes) - 1
+        for index, change in enumerate(changes):
+            self._publish_one(change, flush=index == last)
             self.position = change.seq
 
-    def _publish_one(self, change: Change) -> None:
+    def _publish_one(self, change: Change, flush: bool) -> None:
         table = self._tables.get(change.table)
         if table is None:
             return
@@ -158,7 +162,7 @@ class Hub:
                 if body is None:
                     body = change_body(change)
                 frame = frames[sub.id] = encode_text_frame(change_frame(sub.id, body))
-            sub.deliver(change.seq, frame)
+            sub.deliver(change.seq, frame, flush)
 
     def close_all(self, code: int, why: str, timeout: float) -> None:
         for outbox in list(self._outboxes):

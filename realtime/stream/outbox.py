@@ -3,7 +3,8 @@
 Lifecycle:
     open      the hub `offer()`s encoded frames without waiting; the connection's own task `put()`s replies
               and snapshot chunks, waiting for room. With a direct sink, everything offered during one turn of
-              the event loop (a whole listener batch) goes out in one transport write at the end of that turn.
+              the event loop goes out in one transport write at the end of that turn, or at once when the hub
+              offers the last frame of a listener batch (`flush=True`).
               Only while the transport is above its high-water mark do frames wait, and a writer task, started
               for the occasion, sends them once it drains. With the ASGI sink a writer task sends every frame.
     closing   on overflow (4008), a send stuck longer than WS_SEND_TIMEOUT_S (4008) or shutdown (1012): frames
@@ -104,9 +105,18 @@ class Outbox:
         """Drop the TCP connection at once (a peer that reads nothing can never receive a close frame)."""
         self._sink.abort()
 
-    def offer(self, frame: bytes, seq: int = 0) -> None:
-        """Queue an encoded frame without waiting; a full queue closes the connection with 4008 instead."""
+    def offer(self, frame: bytes, seq: int = 0, *, flush: bool = False) -> None:
+        """Queue an encoded frame without waiting; a full queue closes the connection with 4008 instead.
+
+        `flush` writes the queue now rather than at the end of the loop turn (when the socket can take it).
+        """
         if self._close is not None:
+            return
+        if flush and not self._frames and self._writer is None and self._sink.ready():
+            # The common case of a live subscriber: nothing queued and the socket takes it, so no queueing at all.
+            self._sink.write_one(frame)
+            if seq > self._queued_seq:
+                self._queued_seq = self.last_seq_sent = seq
             return
         if len(self._frames) >= self._max_frames:
             self.close(CLOSE_TOO_SLOW, "too slow")
@@ -115,7 +125,9 @@ class Outbox:
         self._seqs.append(seq)
         if seq > self._queued_seq:
             self._queued_seq = seq
-        if not self._flush_scheduled and self._writer is None:
+        if flush:
+            self._flush()
+        elif not self._flush_scheduled and self._writer is None:
             self._flush_scheduled = True
             self._flusher.schedule(self)
 
@@ -158,7 +170,7 @@ class Outbox:
             return
         if self._sink.gone():
             self._drop_queued()
-        elif self._sink.direct and self._sink.writable():
+        elif self._sink.ready():
             self._write_queued()
         else:
             self._writer = self._loop.create_task(self._drain())

@@ -45,7 +45,13 @@ class Sink(Protocol):
 
     def gone(self) -> bool: ...
 
+    def ready(self) -> bool:
+        """Frames may be written now, without waiting: a direct sink, open, below its high-water mark."""
+        ...
+
     def write(self, frames: list[bytes]) -> None: ...
+
+    def write_one(self, frame: bytes) -> None: ...
 
     async def wait_writable(self) -> None: ...
 
@@ -70,8 +76,20 @@ class TransportSink:
     def gone(self) -> bool:
         return bool(self._protocol.close_sent or self._protocol.disconnected or self._transport.is_closing())
 
+    def ready(self) -> bool:
+        protocol = self._protocol
+        return (
+            self._writable.is_set()
+            and not protocol.close_sent
+            and not protocol.disconnected
+            and not self._transport.is_closing()
+        )
+
     def write(self, frames: list[bytes]) -> None:
         self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def write_one(self, frame: bytes) -> None:
+        self._transport.write(frame)
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
@@ -98,7 +116,13 @@ class AsgiSink:
     def gone(self) -> bool:
         return False
 
+    def ready(self) -> bool:
+        return False  # every frame goes through the writer task
+
     def write(self, frames: list[bytes]) -> None:
+        raise NotImplementedError("the ASGI sink sends one frame at a time from the writer task")
+
+    def write_one(self, frame: bytes) -> None:
         raise NotImplementedError("the ASGI sink sends one frame at a time from the writer task")
 
     async def wait_writable(self) -> None:
