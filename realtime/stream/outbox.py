@@ -114,7 +114,7 @@ class Outbox:
             return
         if flush and not self._frames and self._writer is None and self._sink.ready():
             # The common case of a live subscriber: nothing queued and the socket takes it, so no queueing at all.
-            self._sink.write_one(frame)
+            self._sink.write(frame)
             if seq > self._queued_seq:
                 self._queued_seq = self.last_seq_sent = seq
             return
@@ -179,7 +179,7 @@ class Outbox:
         frames = self._frames
         if not frames:  # dropped while we waited (closed or disconnected)
             return
-        self._sink.write(frames)
+        self._sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         # Cleared in place, not replaced: a fresh list per flush per connection would outlive the flush and be
         # promoted into the garbage collector's old generation, making full collections frequent and long.
         self._drop_queued()

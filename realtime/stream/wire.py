@@ -49,9 +49,9 @@ class Sink(Protocol):
         """Frames may be written now, without waiting: a direct sink, open, below its high-water mark."""
         ...
 
-    def write(self, frames: list[bytes]) -> None: ...
-
-    def write_one(self, frame: bytes) -> None: ...
+    def write(self, data: bytes) -> None:
+        """Write encoded frames (one, or several joined) to the transport; only when `ready()`."""
+        ...
 
     async def wait_writable(self) -> None: ...
 
@@ -77,25 +77,16 @@ class TransportSink:
         return bool(self._protocol.close_sent or self._protocol.disconnected or self._transport.is_closing())
 
     def ready(self) -> bool:
-        protocol = self._protocol
-        return (
-            self._writable.is_set()
-            and not protocol.close_sent
-            and not protocol.disconnected
-            and not self._transport.is_closing()
-        )
+        return self._writable.is_set() and not self.gone()
 
-    def write(self, frames: list[bytes]) -> None:
-        self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def write_one(self, frame: bytes) -> None:
-        self._transport.write(frame)
+    def write(self, data: bytes) -> None:
+        self._transport.write(data)
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
 
     async def send(self, frame: bytes) -> None:
-        self.write([frame])
+        self.write(frame)
 
     def abort(self) -> None:
         self._transport.abort()
@@ -119,10 +110,7 @@ class AsgiSink:
     def ready(self) -> bool:
         return False  # every frame goes through the writer task
 
-    def write(self, frames: list[bytes]) -> None:
-        raise NotImplementedError("the ASGI sink sends one frame at a time from the writer task")
-
-    def write_one(self, frame: bytes) -> None:
+    def write(self, data: bytes) -> None:
         raise NotImplementedError("the ASGI sink sends one frame at a time from the writer task")
 
     async def wait_writable(self) -> None:
