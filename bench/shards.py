@@ -183,7 +183,7 @@ class SubscriberPool:
         subscribers should see this many changes of their row id. With neither, shards wait for quiet.
         `frames_per_sub`: also wait for this many change frames per subscriber, dropped ones included.
         """
-        by_key = ",".join(f"{k}:{v}" for k, v in expected_by_key.items()) if expected_by_key is not None else ""
+        by_key = ",".join(f"{k}:{v}" for k, v in expected_by_key.items()) if expected_by_key else "-"
         command = " ".join(
             (
                 "collect",
@@ -191,7 +191,7 @@ class SubscriberPool:
                 str(deadline_s),
                 str(-1 if expected_per_sub is None else expected_per_sub),
                 str(-1 if frames_per_sub is None else frames_per_sub),
-                by_key or "-",
+                by_key,
             )
         )
         replies = await asyncio.gather(*(s.call(command, deadline_s + 60) for s in self._shards))
