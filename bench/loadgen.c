@@ -20,7 +20,8 @@
  *                         wait until every subscriber live at the call has EXPECTED changes (or, with
  *                         BY_KEY = "k:n,k:n,...", n changes of row k), FRAMES change frames arrived per
  *                         subscriber, nothing arrived for QUIET_S, or DEADLINE_S passed; -1 / `-` = unknown.
- *                         Writes the latencies (native doubles, seconds) to LAT_PATH -> the window's counts
+ *                         Writes (commit time, latency) pairs of native doubles, in seconds, to LAT_PATH
+ *                         -> the window's counts
  *   status                -> {"live"}
  *   quit                  close every connection -> {"ok":true}, exit
  *
@@ -447,7 +448,9 @@ static void on_text(sub_t *s, const unsigned char *p, size_t n, double now) {
     win.deliveries++;
     if (!win.first) win.first = now;
     win.last = now;
-    win.lat = grow(win.lat, &win.lat_cap, win.lat_len + 1, sizeof(double));
+    /* The commit time names the change, so the harness can tell its first delivery from the last. */
+    win.lat = grow(win.lat, &win.lat_cap, win.lat_len + 2, sizeof(double));
+    win.lat[win.lat_len++] = committed;
     win.lat[win.lat_len++] = now - committed;
 }
 

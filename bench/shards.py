@@ -56,6 +56,7 @@ class Window:
     max_shard_busy: float = 0.0  # the busiest shard's CPU / wall: near 1.0 means the loadgen was the limit
     drain_s: float = 0.0
     latencies: array[float] = field(default_factory=lambda: array("d"))
+    commits: array[float] = field(default_factory=lambda: array("d"))  # each delivery's change, by commit time
 
 
 LOADGEN_SOURCE = Path(__file__).with_name("loadgen.c")
@@ -214,7 +215,9 @@ class SubscriberPool:
             merged.drain_s = max(merged.drain_s, reply["drain_s"])
             if reply["wall_s"] > 0:
                 merged.max_shard_busy = max(merged.max_shard_busy, reply["cpu_s"] / reply["wall_s"])
-            merged.latencies.frombytes(_read(reply["lat_path"]))
+            pairs = array("d", _read(reply["lat_path"]))
+            merged.commits.extend(pairs[0::2])
+            merged.latencies.extend(pairs[1::2])
         return merged
 
     async def live(self) -> int:

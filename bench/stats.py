@@ -22,6 +22,24 @@ def percentiles(samples: Iterable[float], points: Sequence[float] = (50, 95, 99)
     return out
 
 
+def first_and_spread(commits: Iterable[float], latencies: Iterable[float]) -> tuple[list[float], list[float]]:
+    """Per change (named by its commit time): its first delivery's latency, and how long its last one came after.
+
+    The median latency is roughly first + spread / 2: how fast a change reaches the server's first subscriber
+    and how long one change takes to go out to all of them are different limits, and this tells them apart.
+    """
+    by_change: dict[float, list[float]] = {}
+    for commit, latency in zip(commits, latencies, strict=True):
+        span = by_change.get(commit)
+        if span is None:
+            by_change[commit] = [latency, latency]
+        elif latency < span[0]:
+            span[0] = latency
+        elif latency > span[1]:
+            span[1] = latency
+    return [lo for lo, _ in by_change.values()], [hi - lo for lo, hi in by_change.values()]
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     if numerator is None or denominator is None or denominator == 0 or math.isnan(denominator):
         return None

@@ -22,7 +22,7 @@ from bench.proc import CpuWindow, self_cpu_seconds, tree_cpu_seconds
 from bench.report import ScenarioResult
 from bench.servers import ServerSpec
 from bench.shards import OpenReport, SubscriberPool, Window
-from bench.stats import per_thousand, percentiles
+from bench.stats import first_and_spread, median, per_thousand, percentiles
 from bench.writers import ChangeWriters, Mode, WriteStats
 
 T = TypeVar("T")
@@ -112,6 +112,16 @@ class StreamRun:
         return {k: v * 1000 for k, v in percentiles(self.window.latencies, (50, 95, 99)).items()}
 
     @property
+    def first_and_spread_ms(self) -> dict[str, float | None]:
+        """Medians over the changes of the first delivery's latency and of the first-to-last spread."""
+        firsts, spreads = first_and_spread(self.window.commits, self.window.latencies)
+        first, spread = median(firsts), median(spreads)
+        return {
+            "first_p50": None if first is None else first * 1000,
+            "spread_p50": None if spread is None else spread * 1000,
+        }
+
+    @property
     def deliveries_per_s(self) -> float:
         return self.window.deliveries / self.span_s if self.span_s > 0 else 0.0
 
@@ -138,6 +148,7 @@ class StreamRun:
             "deliveries": w.deliveries,
             "deliveries_per_s": self.deliveries_per_s,
             "latency_ms": self.latency_ms,
+            "per_change_ms": self.first_and_spread_ms,
             "lost": w.lost,
             "duplicates": w.duplicates,
             "out_of_order": w.out_of_order,

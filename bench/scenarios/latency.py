@@ -26,6 +26,8 @@ COLUMNS = [
     "p95 ms",
     "p99 ms",
     "max ms",
+    "first ms",
+    "spread ms",
     "lost",
     "dup",
     "ooo",
@@ -66,6 +68,7 @@ async def run_one(
 def row(run: StreamRun, round_index: int) -> list[Any]:
     s = run.summary()
     lat = s["latency_ms"]
+    per_change = s["per_change_ms"]
     return [
         run.server,
         round_index + 1,
@@ -76,6 +79,8 @@ def row(run: StreamRun, round_index: int) -> list[Any]:
         lat["p95"],
         lat["p99"],
         lat["max"],
+        per_change["first_p50"],
+        per_change["spread_p50"],
         s["lost"],
         s["duplicates"],
         s["out_of_order"],
@@ -131,6 +136,8 @@ def summarize(result: ScenarioResult) -> None:
             "p95_ms": median(r["latency_ms"]["p95"] for r in runs),
             "p99_ms": median(r["latency_ms"]["p99"] for r in runs),
             "max_ms": max((r["latency_ms"]["max"] for r in runs), default=None),
+            "first_delivery_p50_ms": median(r["per_change_ms"]["first_p50"] for r in runs),
+            "spread_p50_ms": median(r["per_change_ms"]["spread_p50"] for r in runs),
             "deliveries_per_s": median(r["deliveries_per_s"] for r in runs),
             "server_cpu_ms_per_1k_frames": median(r["server_cpu_ms_per_1k_frames"] for r in runs),
             "lost": sum(r["lost"] for r in runs),
