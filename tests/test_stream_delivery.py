@@ -10,7 +10,6 @@ from typing import Any
 import asyncpg
 import httpx
 import orjson
-import pytest
 from asyncpg.transaction import Transaction
 
 from realtime.dsn import Dsn
@@ -160,13 +159,6 @@ async def test_a_rolled_back_position_holder_delays_nothing_for_long(
     finally:
         await client.close()
         await holder.close()
-
-
-async def test_read_changes_refuses_to_run_outside_read_committed(db: asyncpg.Connection) -> None:
-    """Under REPEATABLE READ its read would share a snapshot older than the position: an error, not a wrong read."""
-    async with db.transaction(isolation="repeatable_read"):
-        with pytest.raises(asyncpg.InvalidTransactionStateError, match="must run at READ COMMITTED, not REPEATABLE"):
-            await db.fetch("SELECT * FROM realtime.read_changes(0, 10)")
 
 
 async def _hold_a_position(conn: asyncpg.Connection, table: str, k: int) -> Transaction:

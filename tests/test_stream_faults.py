@@ -392,19 +392,3 @@ async def test_two_workers_each_stream_everything(fault_db: Dsn, admin: asyncpg.
 
 async def _count_listeners(conn: asyncpg.Connection, count: int) -> bool:
     return len(await listener_pids(conn)) == count
-
-
-async def test_streams_when_the_database_defaults_to_serializable(
-    fault_db: Dsn, admin: asyncpg.Connection, log_path: Path
-) -> None:
-    """A database whose default isolation is SERIALIZABLE still streams: the listener reads at READ COMMITTED."""
-    await admin.execute(f'ALTER DATABASE "{fault_db.database}" SET default_transaction_isolation = serializable')
-    async with running_server(fault_db, log_path) as server:
-        recorder = await Recorder.open(server.ws_url)
-        try:
-            await recorder.subscribe()
-            async with Writer(fault_db, connections=2).running() as writer:
-                await writer.wait_committed(50)
-            await assert_received_everything(recorder, admin)
-        finally:
-            await recorder.aclose()

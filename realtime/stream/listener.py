@@ -113,8 +113,7 @@ class Listener:
     async def _session(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
             self._url.asyncpg(),
-            # read_changes() needs each statement's own snapshot, whatever the database's default isolation is.
-            server_settings={"application_name": APPLICATION_NAME, "default_transaction_isolation": "read committed"},
+            server_settings={"application_name": APPLICATION_NAME},
             timeout=self._settings.heartbeat_timeout_s,
         )
         self._lost.clear()

@@ -6,23 +6,14 @@
 -- The stable position, then the changes after `after` up to it, in one round trip. The first row carries only
 -- `seq`: the stable position the read went up to (every position up to it is final, holes included). Up to
 -- `max_rows` changes with after < seq <= that position follow, in position order. Call it in a transaction of
--- its own (autocommit), like stable_position(), whose lock and 2 s wait it shares, and at READ COMMITTED: under
--- REPEATABLE READ or SERIALIZABLE every statement shares the snapshot taken before the lock wait, and the read
--- could miss a commit it waited for, so it refuses to run there (SQLSTATE 25000).
+-- its own (autocommit), like stable_position(), whose lock and 2 s wait it shares.
 CREATE FUNCTION realtime.read_changes(after bigint, max_rows integer)
 RETURNS TABLE (seq bigint, table_schema text, table_name text, op text, new_row jsonb, old_row jsonb,
                committed_at timestamptz)
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    through bigint;
+    through bigint := realtime.stable_position();
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'realtime.read_changes() must run at READ COMMITTED, not %',
-            upper(current_setting('transaction_isolation'))
-            USING ERRCODE = 'invalid_transaction_state',
-                  HINT = 'Call it in autocommit on a session whose default_transaction_isolation is read committed.';
-    END IF;
-    through := realtime.stable_position();
     RETURN QUERY SELECT through, NULL::text, NULL::text, NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz;
     -- In a volatile function each statement takes a fresh snapshot (READ COMMITTED): this one is taken after the
     -- position lock was granted, so it sees every transaction that held a position up to `through` committed.
