@@ -20,8 +20,6 @@ _TS = """to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"
 _COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {_TS}"
 
 READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
-# The function's first row is the stable position; ORDINALITY keeps its rows in the order it returned them.
-_READ_CHANGES = f"SELECT {_COLUMNS} FROM realtime.read_changes($1, $2) WITH ORDINALITY ORDER BY ordinality"
 _REPLAY = (
     f"SELECT {_COLUMNS} FROM realtime.changes"
     " WHERE seq > $1 AND seq <= $2 AND table_schema = $3 AND table_name = $4 ORDER BY seq"
@@ -51,16 +49,6 @@ async def read_range(conn: asyncpg.Connection, after: int, through: int, limit: 
     """The changes with after < seq <= through, in order, at most `limit`; `through` must be stable."""
     records = await conn.fetch(READ_RANGE, after, through, limit)
     return [_change(record) for record in records]
-
-
-async def read_changes(conn: asyncpg.Connection, after: int, limit: int) -> tuple[int, list[Change]]:
-    """The stable position, and the changes after `after` up to it (at most `limit`), in one round trip.
-
-    Stops committers to streamed tables for as long as stable_position() does and raises the same errors.
-    `conn` must not be in a transaction.
-    """
-    records = await conn.fetch(_READ_CHANGES, after, limit)
-    return int(records[0][0]), [_change(record) for record in records[1:]]
 
 
 async def stable_position(conn: asyncpg.Connection) -> int:

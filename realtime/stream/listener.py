@@ -175,20 +175,22 @@ class Listener:
         timeout = self._settings.heartbeat_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                through, changes = await changelog.read_changes(conn, self._hub.position, batch_size)
+                through = await changelog.stable_position(conn)
         except asyncpg.LockNotAvailableError:
             # A transaction has held a position for seconds (SET CONSTRAINTS ALL IMMEDIATE in a long transaction):
             # nothing after it can be published before it ends. The link is fine; the next heartbeat tries again.
             _log.info("a transaction holding a stream position is still open; waiting for it")
             return
-        while changes:
+        while self._hub.position < through:
+            async with asyncio.timeout(timeout):
+                changes = await changelog.read_range(conn, self._hub.position, through, batch_size)
+            if not changes:
+                break  # only positions of rolled-back transactions were left
             self._hub.publish(changes)
             newest_commit = datetime.fromisoformat(changes[-1].ts).timestamp()
             self._last_change_lag_s = max(0.0, time.time() - newest_commit)
             if len(changes) < batch_size:
                 break
-            async with asyncio.timeout(timeout):
-                changes = await changelog.read_range(conn, self._hub.position, through, batch_size)
         # Everything up to `through` is final and published, holes included: replays may start there.
         self._hub.position = max(self._hub.position, through)
 
