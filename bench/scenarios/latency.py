@@ -65,29 +65,28 @@ async def run_one(
         )
 
 
-def row(run: StreamRun, round_index: int) -> list[Any]:
-    s = run.summary()
-    lat = s["latency_ms"]
-    per_change = s["per_change_ms"]
+def row(record: dict[str, Any]) -> list[Any]:
+    lat = record["latency_ms"]
+    per_change = record["per_change_ms"]
     return [
-        run.server,
-        round_index + 1,
-        run.subscribers,
-        run.writes.committed,
-        run.deliveries_per_s,
+        record["server"],
+        record["round"],
+        record["subscribers"],
+        record["changes_committed"],
+        record["deliveries_per_s"],
         lat["p50"],
         lat["p95"],
         lat["p99"],
         lat["max"],
         per_change["first_p50"],
         per_change["spread_p50"],
-        s["lost"],
-        s["duplicates"],
-        s["out_of_order"],
-        s["server_cpu_ms_per_1k_frames"],
-        run.server_cpu_s,
-        run.db_cpu_s,
-        run.loadgen_cpu_s,
+        record["lost"],
+        record["duplicates"],
+        record["out_of_order"],
+        record["server_cpu_ms_per_1k_frames"],
+        record["server_cpu_s"],
+        record["db_cpu_s"],
+        record["loadgen_cpu_s"],
     ]
 
 
@@ -119,8 +118,9 @@ async def run(ctx: Context) -> ScenarioResult:
             )
             if one is None:
                 continue
-            result.rows.append(row(one, round_index))
-            result.runs.append({"round": round_index + 1, **one.summary()})
+            record = {"round": round_index + 1, **one.summary(), "per_change_ms": one.first_and_spread_ms()}
+            result.rows.append(row(record))
+            result.runs.append(record)
             print(f"   {spec.name} round {round_index + 1}: p99 {one.latency_ms['p99']:.2f} ms", flush=True)
     summarize(result)
     return result
