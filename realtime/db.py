@@ -34,7 +34,8 @@ DATABASE_ERRORS = (
 
 def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
     """An asyncpg-backed engine whose pool is sized by settings and named `realtime` in pg_stat_activity."""
-    server_settings = {"application_name": POOL_APPLICATION_NAME}
+    # UTC: snapshot rows are rendered by PostgreSQL in the session's TimeZone and must read as change rows do.
+    server_settings = {"application_name": POOL_APPLICATION_NAME, "TimeZone": "UTC"}
     connect_args: dict[str, Any] = {"server_settings": server_settings}
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)

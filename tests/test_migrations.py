@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0003_shared_capture"
+HEAD = "0004_utc_rows"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -81,9 +81,23 @@ MIGRATED = {
         "realtime.prune(interval,bigint,bigint)",
         "realtime.release_position()",
         "realtime.stable_position()",
+        "realtime.utc_jsonb(anyelement)",
     ],
     "streamed": ["public.users"],
     "revision": HEAD,
+}
+CAPTURE_V2 = {
+    **MIGRATED,
+    "functions": [
+        "realtime.capture()",
+        "realtime.disable_stream(regclass)",
+        "realtime.enable_stream(regclass)",
+        "realtime.hold_position()",
+        "realtime.prune(interval,bigint,bigint)",
+        "realtime.release_position()",
+        "realtime.stable_position()",
+    ],
+    "revision": "0003_shared_capture",
 }
 CAPTURE_V1 = {
     **MIGRATED,
@@ -117,12 +131,16 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Each revision's downgrade undoes exactly that revision: capture v2 back to v1, then the realtime schema."""
+    """Each revision's downgrade undoes exactly that revision: capture v3 to v2 to v1, then the realtime schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
     migrate.upgrade(fresh_url, "0002_capture")
     assert objects(fresh_url) == CAPTURE_V1
+    migrate.upgrade(fresh_url, "0003_shared_capture")
+    assert objects(fresh_url) == CAPTURE_V2
     migrate.upgrade(fresh_url)
+    migrate.downgrade(fresh_url, "0003_shared_capture")
+    assert objects(fresh_url) == CAPTURE_V2
     migrate.downgrade(fresh_url, "0002_capture")
     assert objects(fresh_url) == CAPTURE_V1
     migrate.downgrade(fresh_url, "0001_users")

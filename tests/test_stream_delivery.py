@@ -46,12 +46,39 @@ async def test_rest_writes_arrive_with_row_and_old(
     assert "row" not in delete
     assert _same_user(delete["old"], updated)
     assert insert["seq"] < update["seq"] < delete["seq"]
-    assert all(frame["ts"].endswith("Z") for frame in (insert, update, delete))
+    assert all(frame["ts"].endswith("+00:00") for frame in (insert, update, delete))
 
 
 def _same_user(streamed: dict[str, Any], rest: dict[str, Any]) -> bool:
-    keys = ("id", "name", "email", "version")
+    """Every field reads the same, timestamps included, character for character."""
+    keys = ("id", "name", "email", "version", "created_at", "updated_at")
     return all(streamed[key] == rest[key] for key in keys)
+
+
+async def test_rows_read_the_same_in_every_time_zone(
+    server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A row written by a session in another TimeZone streams in UTC, as its snapshot and REST show it."""
+    email = f"zone-{random.getrandbits(48)}@example.com"
+    created = (await http.post("/users", json={"name": "Zoned", "email": email})).json()
+    client = await StreamClient.open(server.ws_url)
+    try:
+        await client.subscribe("u", filter=[{"column": "id", "op": "eq", "value": created["id"]}])
+        async with db.transaction():
+            await db.execute("SET LOCAL TimeZone = 'America/New_York'")
+            await db.execute("UPDATE users SET name = 'Zoned too' WHERE id = $1", created["id"])
+        (update,) = await client.changes(1)
+        _, snapshot = await client.subscribe(
+            "snap", filter=[{"column": "id", "op": "eq", "value": created["id"]}], snapshot=True
+        )
+    finally:
+        await client.close()
+    current = (await http.get(f"/users/{created['id']}")).json()
+    (snapshot_row,) = [row for frame in snapshot for row in frame["rows"]]
+    assert update["row"]["updated_at"].endswith("+00:00")
+    assert _same_user(update["old"], created)
+    assert _same_user(update["row"], current)
+    assert _same_user(snapshot_row, current)
 
 
 async def test_plain_sql_writes_arrive_and_rollbacks_never_do(server: ServerProcess, db: asyncpg.Connection) -> None:

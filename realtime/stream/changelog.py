@@ -16,8 +16,14 @@ import orjson
 from realtime.stream.changes import Change, TableKey
 from realtime.stream.filters import RowFilter
 
-_TS = """to_char(committed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
-_COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {_TS}"
+
+def utc_text(expression: str) -> str:
+    """SQL rendering the timestamptz `expression` as every timestamp in rows and REST bodies reads
+    (realtime/timestamps.py), whatever the session's TimeZone."""
+    return f"(to_jsonb(({expression}) AT TIME ZONE 'UTC') #>> '{{}}') || '+00:00'"
+
+
+_COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {utc_text('committed_at')}"
 
 READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
 _REPLAY = (

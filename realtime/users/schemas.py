@@ -6,7 +6,19 @@ import re
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    EmailStr,
+    Field,
+    PlainSerializer,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from realtime.timestamps import format_timestamp
 
 MAX_ID = 2**63 - 1
 
@@ -31,6 +43,12 @@ Name = Annotated[
     AfterValidator(_printable),
 ]
 Email = Annotated[EmailStr, Field(max_length=320)]
+# Rendered as PostgreSQL renders it in change frames and snapshots, so both sides compare as strings.
+Timestamp = Annotated[
+    datetime,
+    PlainSerializer(format_timestamp, return_type=str, when_used="json"),
+    WithJsonSchema({"type": "string", "format": "date-time", "examples": ["2026-11-26T07:38:58.202697+00:00"]}),
+]
 
 
 class UserCreate(BaseModel):
@@ -77,8 +95,8 @@ class User(BaseModel):
     id: int
     name: str
     email: str
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     version: int
 
 
