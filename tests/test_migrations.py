@@ -68,37 +68,25 @@ def objects(url: Dsn) -> dict[str, object]:
     return asyncio.run(_objects(url))
 
 
+CAPTURE_V2_FUNCTIONS = [
+    "realtime.capture()",
+    "realtime.disable_stream(regclass)",
+    "realtime.enable_stream(regclass)",
+    "realtime.hold_position()",
+    "realtime.prune(interval,bigint,bigint)",
+    "realtime.release_position()",
+    "realtime.stable_position()",
+]
 MIGRATED = {
     "users": True,
     "schema": 1,
     "users_touch": 1,
     "capture_triggers": 1,
-    "functions": [
-        "realtime.capture()",
-        "realtime.disable_stream(regclass)",
-        "realtime.enable_stream(regclass)",
-        "realtime.hold_position()",
-        "realtime.prune(interval,bigint,bigint)",
-        "realtime.release_position()",
-        "realtime.stable_position()",
-        "realtime.utc_jsonb(anyelement)",
-    ],
+    "functions": [*CAPTURE_V2_FUNCTIONS, "realtime.utc_jsonb(anyelement)"],
     "streamed": ["public.users"],
     "revision": HEAD,
 }
-CAPTURE_V2 = {
-    **MIGRATED,
-    "functions": [
-        "realtime.capture()",
-        "realtime.disable_stream(regclass)",
-        "realtime.enable_stream(regclass)",
-        "realtime.hold_position()",
-        "realtime.prune(interval,bigint,bigint)",
-        "realtime.release_position()",
-        "realtime.stable_position()",
-    ],
-    "revision": "0003_shared_capture",
-}
+CAPTURE_V2 = {**MIGRATED, "functions": CAPTURE_V2_FUNCTIONS, "revision": "0003_shared_capture"}
 CAPTURE_V1 = {
     **MIGRATED,
     "functions": [
