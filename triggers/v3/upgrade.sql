@@ -14,7 +14,8 @@ $$;
 CREATE OR REPLACE FUNCTION realtime.capture() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    -- The names PostgreSQL installs as the default; any other zone, UTC-equivalent or not, takes the slow path.
+    -- UTC under its usual names (realtime's connections say 'UTC', initdb on a system in UTC writes 'Etc/UTC');
+    -- any other zone, even one that equals UTC, takes the slower path, which renders the same.
     in_utc boolean := current_setting('TimeZone') IN ('UTC', 'Etc/UTC');
     new_json jsonb;
     old_json jsonb;
