@@ -37,6 +37,21 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest HTTP request body accepted (larger ones get 413)."
     )
+    http_max_header_bytes: int = Field(
+        default=32_768, ge=1024, le=1_048_576, description="Largest request head (request line + headers): 431."
+    )
+    http_max_headers: int = Field(default=100, ge=8, le=10_000, description="Most request headers accepted: 431.")
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must send a complete request head within this time of opening (or of its"
+        " first byte after a response); else it is closed (408).",
+    )
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="Proxies trusted to set X-Forwarded-For/-Proto (comma-separated addresses or networks,"
+        " `*` for any). Empty: none; the socket's peer is the client.",
+    )
 
     pool_size: int = Field(default=20, ge=1, le=200, description="Connections kept in each process's pool.")
     # Overflow connections are closed as soon as they are returned while the pool is full, so under a steady load
@@ -44,9 +59,19 @@ class Settings(BaseSettings):
     pool_max_overflow: int = Field(
         default=0, ge=0, le=200, description="Extra connections opened under load and closed when returned."
     )
-    pool_timeout: float = Field(default=10.0, gt=0, description="Seconds to wait for a pool connection.")
+    pool_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        description="Seconds a request waits for a pool connection or for a new one to open; then 503.",
+    )
     statement_timeout_ms: int = Field(
-        default=15_000, ge=0, description="statement_timeout of pool connections (0 disables)."
+        default=5_000, ge=0, description="statement_timeout of pool connections (0 disables)."
+    )
+    idle_in_transaction_timeout_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="idle_in_transaction_session_timeout of pool connections (0 disables): a last line of"
+        " defence; no code path leaves a transaction open while it waits on a client.",
     )
 
     listener_batch_size: int = Field(
@@ -64,6 +89,29 @@ class Settings(BaseSettings):
     ws_queue_size: int = Field(
         default=1000, ge=1, description="Frames queued per WebSocket before it is closed with 4008."
     )
+    ws_queue_bytes: int = Field(
+        default=1_048_576, ge=4096, description="Bytes queued per WebSocket before it is closed with 4008."
+    )
+    ws_max_connections: int = Field(
+        default=10_000, ge=1, description="Open WebSockets per process; more are refused with 503 before the upgrade."
+    )
+    ws_max_connections_per_client: int = Field(
+        default=256, ge=1, description="Open WebSockets per client address and process; more get 429."
+    )
+    ws_max_subscriptions_total: int = Field(
+        default=100_000, ge=1, description="Subscriptions per process; more get `too_many_subscriptions`."
+    )
+    ws_max_filter_values: int = Field(
+        default=10_000,
+        ge=1,
+        description="Filter values (each `in` list item counts) held by one connection's subscriptions.",
+    )
+    ws_messages_per_s: float = Field(
+        default=50.0, gt=0, description="Client frames per second a connection may send (burst: twice that)."
+    )
+    ws_rate_limit_close_after: int = Field(
+        default=100, ge=1, description="Frames refused as `rate_limited` in a row before the connection is closed 1008."
+    )
     ws_send_timeout_s: float = Field(
         default=10.0, gt=0, description="A send that does not finish in this time closes the socket (4008)."
     )
@@ -77,6 +125,22 @@ class Settings(BaseSettings):
         default=False, description="permessage-deflate on WebSockets (costs ~hundreds of KiB per socket)."
     )
     snapshot_chunk_rows: int = Field(default=500, ge=1, le=10_000, description="Rows per snapshot frame.")
+    stream_max_concurrent_reads: int = Field(
+        default=4,
+        ge=1,
+        description="Snapshot and replay reads running at once per process (each holds a pool connection only"
+        " while it reads one chunk); the rest of the pool stays for REST.",
+    )
+    stream_read_wait_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a subscribe waits for a read slot before `unavailable` with `retry_after_ms`.",
+    )
+    stream_snapshot_max_bytes: int = Field(
+        default=67_108_864,
+        ge=65_536,
+        description="Largest snapshot one subscribe may take (rows are read, then sent): `snapshot_too_large`.",
+    )
     shutdown_timeout_s: float = Field(default=5.0, gt=0, description="Bound on graceful WebSocket close.")
 
     retention_max_age_s: int = Field(
@@ -103,6 +167,12 @@ class Settings(BaseSettings):
     def _backoff_is_ordered(self) -> Settings:
         if self.listener_backoff_max_s < self.listener_backoff_initial_s:
             raise ValueError("LISTENER_BACKOFF_MAX_S must be >= LISTENER_BACKOFF_INITIAL_S")
+        return self
+
+    @model_validator(mode="after")
+    def _reads_leave_room_for_rest(self) -> Settings:
+        if self.stream_max_concurrent_reads >= self.pool_size + self.pool_max_overflow:
+            raise ValueError("STREAM_MAX_CONCURRENT_READS must be below POOL_SIZE + POOL_MAX_OVERFLOW")
         return self
 
 

@@ -36,7 +36,12 @@ def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
     """An asyncpg-backed engine whose pool is sized by settings and named `realtime` in pg_stat_activity."""
     # UTC: snapshot rows are rendered by PostgreSQL in the session's TimeZone and must read as change rows do.
     server_settings = {"application_name": POOL_APPLICATION_NAME, "TimeZone": "UTC"}
-    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    # A connection that cannot be opened (server frozen, SYN answered but no start-up reply) fails within the
+    # pool timeout instead of asyncpg's default of a minute, so a request is answered 503 in time.
+    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": settings.pool_timeout}
+    if settings.idle_in_transaction_timeout_ms:
+        # The last line of defence: a transaction left open by a bug, not by design, is ended by the server.
+        server_settings["idle_in_transaction_session_timeout"] = str(settings.idle_in_transaction_timeout_ms)
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
         # The server cancels slow statements; this client-side bound also covers a silently dead connection

@@ -100,7 +100,9 @@ class ClientSession:
                     raise ProtocolError("frame_too_large", f"frames are limited to {max_bytes} bytes")
                 await self._handle(parse_client_message(text))
             except ProtocolError as error:
-                frame = error_frame(error.code, error.message, ref=error.ref, sub_id=error.sub_id)
+                frame = error_frame(
+                    error.code, error.message, ref=error.ref, sub_id=error.sub_id, retry_after_ms=error.retry_after_ms
+                )
                 await self._outbox.put(encode_text_frame(frame))
 
     async def _handle(self, request: Subscribe | Unsubscribe | Ping) -> None:

@@ -25,12 +25,21 @@ Ref = str | int | float | bool | None
 class ProtocolError(Exception):
     """A client frame the server refuses; `code` and the message go back in an `error` frame."""
 
-    def __init__(self, code: str, message: str, *, ref: Ref = None, sub_id: str | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        *,
+        ref: Ref = None,
+        sub_id: str | None = None,
+        retry_after_ms: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
         self.sub_id = sub_id
+        self.retry_after_ms = retry_after_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +164,9 @@ def _dump(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-def error_frame(code: str, message: str, *, ref: Ref = None, sub_id: str | None = None) -> str:
+def error_frame(
+    code: str, message: str, *, ref: Ref = None, sub_id: str | None = None, retry_after_ms: int | None = None
+) -> str:
     frame: dict[str, Any] = {"type": "error"}
     if ref is not None:
         frame["ref"] = ref
@@ -163,6 +174,8 @@ def error_frame(code: str, message: str, *, ref: Ref = None, sub_id: str | None 
         frame["id"] = sub_id
     frame["code"] = code
     frame["message"] = message
+    if retry_after_ms is not None:
+        frame["retry_after_ms"] = retry_after_ms
     return _dump(frame)
 
 
