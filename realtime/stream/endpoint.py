@@ -40,6 +40,8 @@ from realtime.stream.protocol import (
 from realtime.stream.wire import encode_text_frame, sink_for
 
 _log = logging.getLogger(__name__)
+# The hint sent with `unavailable` when the database or the change stream is away; clients add jittered backoff.
+RETRY_AFTER_DATABASE_MS = 1000
 
 
 async def stream(scope: Scope, receive: Receive, send: Send) -> None:
@@ -120,16 +122,18 @@ class ClientSession:
             await self._subscribe(request)
 
     async def _subscribe(self, request: Subscribe) -> None:
-        def refuse(code: str, message: str) -> ProtocolError:
-            return ProtocolError(code, message, ref=request.ref, sub_id=request.id)
+        def refuse(code: str, message: str, retry_after_ms: int | None = None) -> ProtocolError:
+            return ProtocolError(code, message, ref=request.ref, sub_id=request.id, retry_after_ms=retry_after_ms)
 
         try:
             await self._subscribe_or_refuse(request, refuse)
         except DATABASE_ERRORS as error:
             _log.warning("subscribe %r failed: %s: %s", request.id, type(error).__name__, error)
-            raise refuse("unavailable", "the database could not be reached; retry shortly") from None
+            raise refuse(
+                "unavailable", "the database could not be reached; retry shortly", RETRY_AFTER_DATABASE_MS
+            ) from None
 
-    async def _subscribe_or_refuse(self, request: Subscribe, refuse: Callable[[str, str], ProtocolError]) -> None:
+    async def _subscribe_or_refuse(self, request: Subscribe, refuse: Callable[..., ProtocolError]) -> None:
 
         settings = self._pipeline.settings
         if request.id in self._subscriptions:
@@ -142,7 +146,9 @@ class ClientSession:
                 async with asyncio.timeout(settings.listener_heartbeat_timeout_s):
                     await self._pipeline.listener.connected_once.wait()
             except TimeoutError:
-                raise refuse("unavailable", "the change stream is not connected yet; retry shortly") from None
+                raise refuse(
+                    "unavailable", "the change stream is not connected yet; retry shortly", RETRY_AFTER_DATABASE_MS
+                ) from None
         table = await self._pipeline.catalog.lookup(request.table)
         if table is None:
             raise refuse("unknown_table", f"table {request.table.wire_name!r} does not exist or does not stream")
