@@ -107,10 +107,19 @@ class Settings(BaseSettings):
         description="Filter values (each `in` list item counts) held by one connection's subscriptions.",
     )
     ws_messages_per_s: float = Field(
-        default=50.0, gt=0, description="Client frames per second a connection may send (burst: twice that)."
+        default=50.0, gt=0, description="Client frames per second a connection may send, on average."
+    )
+    ws_message_burst: int = Field(
+        default=200,
+        ge=1,
+        description="Client frames a connection may send at once above that rate (e.g. subscribing to many"
+        " tables right after connecting).",
     )
     ws_rate_limit_close_after: int = Field(
-        default=100, ge=1, description="Frames refused as `rate_limited` in a row before the connection is closed 1008."
+        default=100,
+        ge=1,
+        description="Frames refused as `rate_limited` before the connection is closed 1008 (forgiven once the"
+        " client keeps to the rate long enough to refill its burst).",
     )
     ws_send_timeout_s: float = Field(
         default=10.0, gt=0, description="A send that does not finish in this time closes the socket (4008)."

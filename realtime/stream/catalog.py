@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,22 +18,38 @@ ConnectionSource = Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
 
 class Catalog:
     """Known streamed tables. Only positive answers are cached (for `ttl_s`), so a table enabled with
-    `realtime stream enable` can be subscribed to at once, and column changes show within `ttl_s`."""
+    `realtime stream enable` can be subscribed to at once, and column changes show within `ttl_s`. Concurrent
+    look-ups of one table share one query, so a burst of subscribes costs one read, not one each."""
 
     def __init__(self, connect: ConnectionSource, ttl_s: float = 5.0) -> None:
         self._connect = connect
         self._ttl_s = ttl_s
         self._cache: dict[TableKey, tuple[float, StreamedTable]] = {}
+        self._in_flight: dict[TableKey, asyncio.Future[StreamedTable | None]] = {}
 
     async def lookup(self, key: TableKey) -> StreamedTable | None:
+        if "\x00" in key.schema or "\x00" in key.name:
+            return None  # PostgreSQL names cannot hold NUL: no such table, and no query to send
         cached = self._cache.get(key)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        running = self._in_flight.get(key)
+        if running is None:
+            running = self._in_flight[key] = asyncio.ensure_future(self._read(key))
+            running.add_done_callback(lambda done: self._finished(key, done))
+        # shield: one caller leaving (its client disconnected) must not cancel the others' answer.
+        return await asyncio.shield(running)
+
+    def _finished(self, key: TableKey, done: asyncio.Future[StreamedTable | None]) -> None:
+        self._in_flight.pop(key, None)
+        if not done.cancelled():
+            done.exception()  # retrieved here: every caller may have left before it failed
+
+    async def _read(self, key: TableKey) -> StreamedTable | None:
         async with self._connect() as conn:
             table = await changelog.streamed_table(conn, key)
         if table is None:
             self._cache.pop(key, None)
         else:
-            self._cache[key] = (now + self._ttl_s, table)
+            self._cache[key] = (time.monotonic() + self._ttl_s, table)
         return table

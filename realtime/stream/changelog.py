@@ -7,7 +7,6 @@ committed later can land inside a range already read. Every read here is bounded
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import asyncpg
@@ -26,28 +25,22 @@ def utc_text(expression: str) -> str:
 _COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {utc_text('committed_at')}"
 
 READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
-_REPLAY = (
-    f"SELECT {_COLUMNS} FROM realtime.changes"
-    " WHERE seq > $1 AND seq <= $2 AND table_schema = $3 AND table_name = $4 ORDER BY seq"
-)
-_NEWEST = "SELECT COALESCE(pg_sequence_last_value('realtime.changes_seq'), 0)"
 _HOLD_POSITION = "SELECT realtime.hold_position()"
 _RELEASE_POSITION = "SELECT realtime.release_position()"
-_PRUNED_THROUGH = "SELECT pruned_through FROM realtime.retention"
 
 
 class CursorExpired(Exception):
     """A resume position the changelog can no longer serve (pruned by retention, or not a position of it)."""
 
 
-def _change(record: asyncpg.Record) -> Change:
+def _change(record: asyncpg.Record, offset: int = 0) -> Change:
     return Change(
-        seq=record[0],
-        table=TableKey(record[1], record[2]),
-        op=record[3],
-        new_json=record[4],
-        old_json=record[5],
-        ts=record[6],
+        seq=record[offset],
+        table=TableKey(record[offset + 1], record[offset + 2]),
+        op=record[offset + 3],
+        new_json=record[offset + 4],
+        old_json=record[offset + 5],
+        ts=record[offset + 6],
     )
 
 
@@ -96,13 +89,19 @@ async def streamed_table(conn: asyncpg.Connection, key: TableKey) -> StreamedTab
     return StreamedTable(key=key, columns=frozenset(r[0] for r in records), primary_key=primary_key)
 
 
-async def snapshot(
-    conn: asyncpg.Connection, table: StreamedTable, row_filter: RowFilter, chunk_rows: int
-) -> AsyncGenerator[tuple[int, list[str]]]:
-    """(position, rows) chunks of the rows matching `row_filter`, all read in one snapshot at `position`.
+class SnapshotTooLarge(Exception):
+    """The rows matching a snapshot's filter weigh more than the snapshot bound."""
+
+
+async def read_snapshot(
+    conn: asyncpg.Connection, table: StreamedTable, row_filter: RowFilter, chunk_rows: int, max_bytes: int
+) -> tuple[int, list[list[str]]]:
+    """The rows matching `row_filter` as JSON texts in chunks of `chunk_rows`, all read in one snapshot at the
+    returned position; SnapshotTooLarge past `max_bytes`.
 
     Every change with a larger position committed after the snapshot was taken, so a subscriber that applies
-    those changes to these rows misses nothing and sees nothing twice.
+    those changes to these rows misses nothing and sees nothing twice. The rows are read whole before any is
+    sent: a consistent snapshot needs one transaction, and a transaction must never wait on a client.
     """
     quoted = f"{_ident(table.key.schema)}.{_ident(table.key.name)}"
     order = ", ".join(_ident(column) for column in table.primary_key)
@@ -111,37 +110,57 @@ async def snapshot(
     # statement, which is where a REPEATABLE READ snapshot is taken.
     position = int(await conn.fetchval(_HOLD_POSITION))
     released = False
+    chunks: list[list[str]] = []
+    chunk: list[str] = []
+    size = 0
     try:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(_RELEASE_POSITION)
             released = True
-            chunk: list[str] = []
             async for record in conn.cursor(f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"):
                 text = record[0]
                 if row_filter.conditions and not row_filter.matches(orjson.loads(text)):
                     continue
+                size += len(text)
+                if size > max_bytes:
+                    raise SnapshotTooLarge(
+                        f"the rows matching this subscription exceed the snapshot bound of {max_bytes} bytes;"
+                        " narrow the filter, or subscribe without a snapshot"
+                    )
                 chunk.append(text)
                 if len(chunk) >= chunk_rows:
-                    yield position, chunk
+                    chunks.append(chunk)
                     chunk = []
-            yield position, chunk
     finally:
         if not released:
             # A pooled session must never keep the lock: every commit to a streamed table would wait for it.
             conn.terminate()
+    chunks.append(chunk)
+    return position, chunks
 
 
-async def replay(conn: asyncpg.Connection, table: TableKey, since: int, until: int) -> AsyncGenerator[Change]:
-    """The changes to `table` with since < seq <= until, in order; CursorExpired if retention took some."""
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        pruned_through = int(await conn.fetchval(_PRUNED_THROUGH))
-        if since < pruned_through:
-            raise CursorExpired(f"changes up to {pruned_through} were pruned by retention; resubscribe with a snapshot")
-        newest = int(await conn.fetchval(_NEWEST))
-        if since > newest:
-            raise CursorExpired(f"position {since} is ahead of the changelog ({newest}); resubscribe with a snapshot")
-        async for record in conn.cursor(_REPLAY, since, until, table.schema, table.name):
-            yield _change(record)
+# One statement, so one snapshot: the retention mark, the changelog's newest position and the chunk agree.
+_REPLAY_CHUNK = f"""
+    SELECT r.pruned_through, COALESCE(pg_sequence_last_value('realtime.changes_seq'), 0), c.*
+    FROM realtime.retention r
+    LEFT JOIN LATERAL (
+        SELECT {_COLUMNS} FROM realtime.changes
+        WHERE seq > $1 AND seq <= $2 AND table_schema = $3 AND table_name = $4
+        ORDER BY seq LIMIT $5
+    ) c ON true
+"""
+
+
+async def replay_chunk(conn: asyncpg.Connection, table: TableKey, after: int, until: int, limit: int) -> list[Change]:
+    """At most `limit` changes to `table` with after < seq <= until, in order; CursorExpired if retention took
+    some. A long replay is read chunk by chunk, each on a connection held only for that one statement."""
+    records = await conn.fetch(_REPLAY_CHUNK, after, until, table.schema, table.name, limit)
+    pruned_through, newest = int(records[0][0]), int(records[0][1])
+    if after < pruned_through:
+        raise CursorExpired(f"changes up to {pruned_through} were pruned by retention; resubscribe with a snapshot")
+    if after > newest:
+        raise CursorExpired(f"position {after} is ahead of the changelog ({newest}); resubscribe with a snapshot")
+    return [_change(record, 2) for record in records if record[2] is not None]
 
 
 async def prune(conn: asyncpg.Connection, max_age_s: int, max_rows: int) -> int:

@@ -1,27 +1,31 @@
 """The WebSocket endpoint `/ws`: client frames are read and handled on the server's own task for the connection.
 
 Lifecycle of a connection:
+    admission   an upgrade past WS_MAX_CONNECTIONS (503) or WS_MAX_CONNECTIONS_PER_CLIENT (429) is answered
+                over HTTP and never becomes a WebSocket
     accept      an outbox is created and attached to the hub (so shutdown can close it)
-    reading     each client frame is parsed and handled in order; a bad frame gets an `error` frame and the
-                connection stays usable; subscribe reads history (snapshot or replay) on this task while the
-                hub buffers live changes for the new subscription, then turns it live with no gap
-    closing     the client disconnects, or the outbox closes (4008 too slow, 1012 restarting) and the peer
-                answers the close: every subscription is removed from the hub
+    reading     each client frame is rate-checked, parsed and handled in order; a bad frame gets an `error` frame
+                and the connection stays usable; subscribe reads history (snapshot or replay) in bounded reads
+                while the hub buffers live changes for the new subscription, then turns it live with no gap.
+                While history is read and sent, the next client message is already awaited: a disconnect
+                cancels the history work at once, and whatever it held is released
+    closing     the client disconnects, or the outbox closes (4008 too slow, 1008 rate abuse, 1012 restarting)
+                and the peer answers the close: every subscription is removed from the hub
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
-from realtime.stream.changelog import CursorExpired, StreamedTable
-from realtime.stream.filters import compile_filter
+from realtime.stream.changelog import CursorExpired, SnapshotTooLarge, StreamedTable
+from realtime.stream.filters import Condition, compile_filter
 from realtime.stream.hub import Subscription
 from realtime.stream.outbox import Outbox
 from realtime.stream.pipeline import StreamPipeline
@@ -37,11 +41,14 @@ from realtime.stream.protocol import (
     reply_frame,
     snapshot_frame,
 )
+from realtime.stream.rate import TokenBucket
+from realtime.stream.reads import RETRY_AFTER_BUSY_MS, ReadsBusy
 from realtime.stream.wire import encode_text_frame, sink_for
 
 _log = logging.getLogger(__name__)
 # The hint sent with `unavailable` when the database or the change stream is away; clients add jittered backoff.
 RETRY_AFTER_DATABASE_MS = 1000
+CLOSE_POLICY_VIOLATION = 1008
 
 
 async def stream(scope: Scope, receive: Receive, send: Send) -> None:
@@ -57,66 +64,134 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     settings = pipeline.settings
     if (await receive())["type"] != "websocket.connect":
         return  # the client left before the handshake completed
-    await send({"type": "websocket.accept"})
-    # Nothing reads the handshake's headers after this, and the scope lives as long as the connection: a
-    # browser's (cookies, user agent) alone can weigh more than the rest of an idle connection's state.
-    scope["headers"] = ()
-    outbox = Outbox(
-        sink_for(send),
-        send,
-        pipeline.flusher,
-        max_frames=settings.ws_queue_size,
-        send_timeout=settings.ws_send_timeout_s,
-    )
-    session = ClientSession(pipeline, outbox)
-    pipeline.hub.attach(outbox)
+    client = scope["client"][0] if scope.get("client") else ""
+    refusal = pipeline.admission.enter(client)
+    if refusal is not None:
+        start, body = refusal.asgi_messages()
+        await send(start)
+        await send(body)
+        return
     try:
-        # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
-        # the close frame, or the server times the handshake out, or the transport is aborted.
-        await session.read_frames(receive)
+        await send({"type": "websocket.accept"})
+        # Nothing reads the handshake's headers after this, and the scope lives as long as the connection: a
+        # browser's (cookies, user agent) alone can weigh more than the rest of an idle connection's state.
+        scope["headers"] = ()
+        outbox = Outbox(
+            sink_for(send),
+            send,
+            pipeline.flusher,
+            max_frames=settings.ws_queue_size,
+            max_bytes=settings.ws_queue_bytes,
+            send_timeout=settings.ws_send_timeout_s,
+        )
+        session = ClientSession(pipeline, outbox, receive)
+        pipeline.hub.attach(outbox)
+        try:
+            # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
+            # the close frame, or the server times the handshake out, or the transport is aborted.
+            await session.read_frames()
+        finally:
+            session.end()
+            pipeline.hub.detach(outbox)
+            outbox.discard()
     finally:
-        session.remove_all()
-        pipeline.hub.detach(outbox)
-        outbox.discard()
+        pipeline.admission.leave(client)
+
+
+class _Closing(Exception):
+    """The outbox is closing (too slow, shutting down): history still to send would never arrive."""
+
+
+def _filter_values(conditions: tuple[Condition, ...]) -> int:
+    """What a filter holds, for the connection's budget: each `in` item counts, every other condition one."""
+    return sum(len(c.value) if c.op == "in" else 1 for c in conditions)
 
 
 class ClientSession:
     """The subscriptions of one connection and the handling of its client frames."""
 
-    def __init__(self, pipeline: StreamPipeline, outbox: Outbox) -> None:
+    def __init__(self, pipeline: StreamPipeline, outbox: Outbox, receive: Receive) -> None:
         self._pipeline = pipeline
         self._outbox = outbox
+        self._receive = receive
         self._subscriptions: dict[str, Subscription] = {}
+        self._filter_values: dict[str, int] = {}
+        settings = pipeline.settings
+        self._rate = TokenBucket(settings.ws_messages_per_s, settings.ws_message_burst)
+        self._refused = 0  # frames refused as rate_limited since the client last kept to the rate
+        # The next client message, already awaited while a subscribe reads history (see _watching_peer).
+        self._reading: asyncio.Task[Any] | None = None
 
-    async def read_frames(self, receive: Receive) -> None:
-        max_bytes = self._pipeline.settings.ws_max_frame_bytes
+    async def _next_message(self) -> Any:
+        if self._reading is not None:
+            reading, self._reading = self._reading, None
+            return await reading
+        return await self._receive()
+
+    async def read_frames(self) -> None:
+        settings = self._pipeline.settings
+        max_bytes = settings.ws_max_frame_bytes
         while True:
-            message = await receive()
+            message = await self._next_message()
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
             try:
+                if not self._rate.take():
+                    self._refused += 1
+                    if self._refused > settings.ws_rate_limit_close_after:
+                        self._outbox.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
+                        continue
+                    raise ProtocolError(
+                        "rate_limited",
+                        f"at most {settings.ws_messages_per_s:g} frames per second; this one was ignored",
+                        retry_after_ms=self._rate.wait_ms(),
+                    )
+                if self._refused and self._rate.rested():
+                    self._refused = 0  # a client that slowed down is forgiven; one that keeps pushing is not
                 if text is None:
                     raise ProtocolError("bad_message", "binary frames are not accepted; send JSON text frames")
                 if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
                     raise ProtocolError("frame_too_large", f"frames are limited to {max_bytes} bytes")
-                await self._handle(parse_client_message(text))
+                request = parse_client_message(text)
+                if isinstance(request, Subscribe) and (request.snapshot or request.since is not None):
+                    await self._watching_peer(self._subscribe(request))
+                else:
+                    await self._handle(request)
             except ProtocolError as error:
                 frame = error_frame(
                     error.code, error.message, ref=error.ref, sub_id=error.sub_id, retry_after_ms=error.retry_after_ms
                 )
                 await self._outbox.put(encode_text_frame(frame))
 
+    async def _watching_peer(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` (a subscribe that reads history) while already awaiting the client's next message.
+
+        A client that goes away mid-snapshot or mid-replay (reset, killed tab) cancels the work at once,
+        whatever it waits for; a frame it sent meanwhile is handled after this subscribe is answered, in order.
+        """
+        task = asyncio.ensure_future(work)
+        reading = self._reading = self._reading or asyncio.ensure_future(self._receive())
+        try:
+            await asyncio.wait((task, reading), return_when=asyncio.FIRST_COMPLETED)
+            if not task.done() and reading.result()["type"] == "websocket.disconnect":
+                task.cancel()
+            await asyncio.wait((task,))
+        finally:
+            task.cancel()  # a no-op once it is done; stops it if this task is itself cancelled
+        if not task.cancelled() and not isinstance(task.exception(), _Closing):
+            task.result()
+
     async def _handle(self, request: Subscribe | Unsubscribe | Ping) -> None:
         if isinstance(request, Ping):
             await self._outbox.put(encode_text_frame(reply_frame("pong", request.ref)))
         elif isinstance(request, Unsubscribe):
-            sub = self._subscriptions.pop(request.id, None)
+            sub = self._subscriptions.get(request.id)
             if sub is None:
                 raise ProtocolError(
                     "not_subscribed", f"no subscription {request.id!r} on this connection", ref=request.ref
                 )
-            self._pipeline.hub.remove(sub)
+            self._drop(sub)
             await self._outbox.put(encode_text_frame(reply_frame("unsubscribed", request.ref, id=request.id)))
         else:
             await self._subscribe(request)
@@ -127,6 +202,8 @@ class ClientSession:
 
         try:
             await self._subscribe_or_refuse(request, refuse)
+        except ReadsBusy as error:
+            raise refuse("unavailable", f"{error}; retry shortly", RETRY_AFTER_BUSY_MS) from None
         except DATABASE_ERRORS as error:
             _log.warning("subscribe %r failed: %s: %s", request.id, type(error).__name__, error)
             raise refuse(
@@ -134,12 +211,26 @@ class ClientSession:
             ) from None
 
     async def _subscribe_or_refuse(self, request: Subscribe, refuse: Callable[..., ProtocolError]) -> None:
-
         settings = self._pipeline.settings
+        hub = self._pipeline.hub
         if request.id in self._subscriptions:
             raise refuse("duplicate_id", f"subscription {request.id!r} is already open on this connection")
         if len(self._subscriptions) >= settings.ws_max_subscriptions:
             raise refuse("too_many_subscriptions", f"at most {settings.ws_max_subscriptions} per connection")
+        if hub.subscription_count >= settings.ws_max_subscriptions_total:
+            raise refuse(
+                "too_many_subscriptions",
+                f"this server holds its maximum of {settings.ws_max_subscriptions_total} subscriptions; retry later",
+                RETRY_AFTER_BUSY_MS,
+            )
+        values = _filter_values(request.conditions)
+        held = sum(self._filter_values.values())
+        if held + values > settings.ws_max_filter_values:
+            raise refuse(
+                "filter_budget_exceeded",
+                f"this connection's filters may hold {settings.ws_max_filter_values} values in all"
+                f" ({held} held, this one has {values}); unsubscribe others or narrow the filter",
+            )
         if not self._pipeline.listener.connected_once.is_set():
             # Until the listener knows the current position, "live from N" could not be promised truthfully.
             try:
@@ -156,7 +247,6 @@ class ClientSession:
         if unknown:
             raise refuse("unknown_column", f"table {table.key.wire_name!r} has no column {', '.join(unknown)}")
 
-        hub = self._pipeline.hub
         sub = Subscription(
             id=request.id,
             table=table.key,
@@ -164,8 +254,10 @@ class ClientSession:
             filter=compile_filter(request.conditions),
             outbox=self._outbox,
             max_pending=settings.ws_queue_size,
+            max_pending_bytes=settings.ws_queue_bytes,
         )
         self._subscriptions[request.id] = sub
+        self._filter_values[request.id] = values
         hub.add(sub)
         # Everything up to here is synchronous, so no change was published between add() and reading this.
         hub_position = hub.position
@@ -179,6 +271,9 @@ class ClientSession:
         except CursorExpired as error:
             self._drop(sub)
             raise refuse("cursor_expired", str(error)) from None
+        except SnapshotTooLarge as error:
+            self._drop(sub)
+            raise refuse("snapshot_too_large", str(error)) from None
         except BaseException:
             self._drop(sub)
             raise
@@ -186,43 +281,47 @@ class ClientSession:
         await self._outbox.put(encode_text_frame(subscribed), position)
         sub.go_live(position)
 
+    async def _send_history(self, text: str, seq: int) -> None:
+        await self._outbox.put(encode_text_frame(text), seq)
+        if self._outbox.closed:
+            raise _Closing
+
     async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
-        chunk_rows = self._pipeline.settings.snapshot_chunk_rows
-        position = 0
-        # aclosing: if sending fails midway, the generator's transaction ends here, on this connection, and not
-        # later from the garbage collector when the connection may already serve someone else.
-        async with (
-            self._pipeline.connection() as conn,
-            contextlib.aclosing(changelog.snapshot(conn, table, sub.filter, chunk_rows)) as chunks,
-        ):
-            previous: tuple[int, list[str]] | None = None
-            async for chunk in chunks:
-                if previous is not None:
-                    chunk_frame = snapshot_frame(sub.id, previous[0], previous[1], last=False)
-                    await self._outbox.put(encode_text_frame(chunk_frame), previous[0])
-                previous = chunk
-            assert previous is not None
-            position = previous[0]
-            await self._outbox.put(
-                encode_text_frame(snapshot_frame(sub.id, position, previous[1], last=True)), position
+        settings = self._pipeline.settings
+        async with self._pipeline.reads.connection() as conn:
+            position, chunks = await changelog.read_snapshot(
+                conn, table, sub.filter, settings.snapshot_chunk_rows, settings.stream_snapshot_max_bytes
             )
+        last = len(chunks) - 1
+        for index, rows in enumerate(chunks):
+            chunks[index] = []  # sent rows are freed as the snapshot goes out, not when it ends
+            await self._send_history(snapshot_frame(sub.id, position, rows, last=index == last), position)
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
-        async with (
-            self._pipeline.connection() as conn,
-            contextlib.aclosing(changelog.replay(conn, sub.table, since, until)) as changes,
-        ):
-            async for change in changes:
+        chunk_size = self._pipeline.settings.listener_batch_size
+        after = since
+        while True:
+            async with self._pipeline.reads.connection() as conn:
+                changes = await changelog.replay_chunk(conn, sub.table, after, until, chunk_size)
+            for change in changes:
                 if change.op in sub.events and (not sub.filter.conditions or sub.filter.matches(change.filter_row)):
-                    await self._outbox.put(encode_text_frame(change_frame(sub.id, change_body(change))), change.seq)
-        return max(since, until)
+                    await self._send_history(change_frame(sub.id, change_body(change)), change.seq)
+            if len(changes) < chunk_size:
+                return max(since, until)
+            after = changes[-1].seq
 
     def _drop(self, sub: Subscription) -> None:
         self._subscriptions.pop(sub.id, None)
+        self._filter_values.pop(sub.id, None)
         self._pipeline.hub.remove(sub)
 
-    def remove_all(self) -> None:
+    def end(self) -> None:
+        """The connection is over: its subscriptions leave the hub, and a message still awaited is abandoned."""
         for sub in self._subscriptions.values():
             self._pipeline.hub.remove(sub)
         self._subscriptions.clear()
+        self._filter_values.clear()
+        if self._reading is not None:
+            self._reading.cancel()
+            self._reading = None

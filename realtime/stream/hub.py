@@ -37,22 +37,35 @@ class Subscription:
     filter: RowFilter
     outbox: Outbox
     max_pending: int
+    max_pending_bytes: int
     position: int = 0
     pending: list[tuple[int, bytes]] | None = field(default_factory=list)
+    pending_bytes: int = 0
 
     def deliver(self, seq: int, frame: bytes, flush: bool = False) -> None:
         if self.pending is not None:
-            self.pending.append((seq, frame))
-            if len(self.pending) > self.max_pending:
-                self.outbox.close(CLOSE_TOO_SLOW, "too slow")
+            self._hold(seq, frame)
         elif seq > self.position:
             self.position = seq
             self.outbox.offer(frame, seq, flush=flush)
+
+    def _hold(self, seq: int, frame: bytes) -> None:
+        """Keep a live change for after the history, within the connection's queue bounds."""
+        if self.outbox.closed:
+            return  # the connection is closing: nothing held now could be sent
+        assert self.pending is not None
+        self.pending.append((seq, frame))
+        self.pending_bytes += len(frame)
+        if len(self.pending) > self.max_pending or self.pending_bytes > self.max_pending_bytes:
+            self.outbox.close(CLOSE_TOO_SLOW, "too slow")
+            self.pending.clear()
+            self.pending_bytes = 0
 
     def go_live(self, position: int) -> None:
         """Start live delivery after history up to `position` was sent; no change is skipped or repeated."""
         self.position = position
         pending, self.pending = self.pending or [], None
+        self.pending_bytes = 0
         for seq, frame in pending:
             self.deliver(seq, frame)
 

@@ -7,9 +7,10 @@ Lifecycle:
               offers the last frame of a listener batch (`flush=True`).
               Only while the transport is above its high-water mark do frames wait, and a writer task, started
               for the occasion, sends them once it drains. With the ASGI sink a writer task sends every frame.
-    closing   on overflow (4008), a send stuck longer than WS_SEND_TIMEOUT_S (4008) or shutdown (1012): frames
-              still queued are dropped, the close frame names the last `seq` actually sent, and the client
-              resumes from there, so nothing is lost to it
+    closing   on overflow (more than WS_QUEUE_SIZE frames or WS_QUEUE_BYTES bytes queued: 4008), a send
+              stuck longer than WS_SEND_TIMEOUT_S (4008), rate abuse (1008) or shutdown (1012): frames still
+              queued are dropped, the close frame names the last `seq` actually sent, and the client resumes
+              from there, so nothing is lost to it
     closed    the close frame was sent, or the transport aborted if even that could not be sent in time
 
 Publishing never waits on a socket: `offer()` is synchronous and O(1). An idle connection holds no task and
@@ -66,7 +67,9 @@ class Outbox:
         "_flusher",
         "_frames",
         "_loop",
+        "_max_bytes",
         "_max_frames",
+        "_queued_bytes",
         "_queued_seq",
         "_room",
         "_send",
@@ -78,16 +81,20 @@ class Outbox:
         "sending_since",
     )
 
-    def __init__(self, sink: Sink, send: SendFn, flusher: Flusher, *, max_frames: int, send_timeout: float) -> None:
+    def __init__(
+        self, sink: Sink, send: SendFn, flusher: Flusher, *, max_frames: int, max_bytes: int, send_timeout: float
+    ) -> None:
         self._sink = sink
         self._flusher = flusher
         self._send = send  # ASGI send: used for the close frame, so the server's protocol state stays right
         self._max_frames = max_frames
+        self._max_bytes = max_bytes
         self._send_timeout = send_timeout
         # Queued frames, and beside them their positions (0 for replies): the fast path writes the frames list
         # as it is, and only the frame-by-frame ASGI path reads positions one at a time.
         self._frames: list[bytes] = []
         self._seqs: list[int] = []
+        self._queued_bytes = 0
         self._loop = asyncio.get_running_loop()
         self._flush_scheduled = False
         self._writer: asyncio.Task[None] | None = None
@@ -100,6 +107,16 @@ class Outbox:
     @property
     def direct(self) -> bool:
         return self._sink.direct
+
+    @property
+    def closed(self) -> bool:
+        """Closing or closed: nothing offered from now on is sent."""
+        return self._close is not None
+
+    def _has_room(self, size: int) -> bool:
+        # One frame larger than the byte bound still goes out when nothing else is queued.
+        frames = len(self._frames)
+        return frames == 0 or (frames < self._max_frames and self._queued_bytes + size <= self._max_bytes)
 
     def abort(self) -> None:
         """Drop the TCP connection at once (a peer that reads nothing can never receive a close frame)."""
@@ -119,11 +136,12 @@ class Outbox:
             if seq > self._queued_seq:
                 self._queued_seq = self.last_seq_sent = seq
             return
-        if len(self._frames) >= self._max_frames:
+        if not self._has_room(len(frame)):
             self.close(CLOSE_TOO_SLOW, "too slow")
             return
         self._frames.append(frame)
         self._seqs.append(seq)
+        self._queued_bytes += len(frame)
         if seq > self._queued_seq:
             self._queued_seq = seq
         if flush:
@@ -133,8 +151,12 @@ class Outbox:
             self._flusher.schedule(self)
 
     async def put(self, frame: bytes, seq: int = 0) -> None:
-        """Queue a frame, waiting for room (for the connection's own replies and snapshot chunks)."""
-        while len(self._frames) >= self._max_frames and self._close is None:
+        """Queue a frame, waiting for room (for the connection's own replies and history); returns at once when
+        the connection is closing or its peer is gone, having dropped the frame."""
+        while not self._has_room(len(frame)) and self._close is None:
+            if self._sink.gone():
+                self._drop_queued()
+                return
             if self._room is None:
                 self._room = asyncio.Event()
             self._room.clear()
@@ -173,6 +195,7 @@ class Outbox:
             self._write_queued()
         elif self._sink.gone():
             self._drop_queued()
+            self._signal_room()
         else:
             self._writer = self._loop.create_task(self._drain())
 
@@ -190,6 +213,7 @@ class Outbox:
     def _drop_queued(self) -> None:
         self._frames.clear()
         self._seqs.clear()
+        self._queued_bytes = 0
 
     def _signal_room(self) -> None:
         if self._room is not None:
@@ -201,6 +225,7 @@ class Outbox:
             while self._frames and self._close is None:
                 if self._sink.gone():
                     self._drop_queued()
+                    self._signal_room()  # a put() waiting for room must not wait for a peer that left
                 elif self._sink.direct:
                     if not self._sink.writable():
                         self.sending_since = self._loop.time()
@@ -209,6 +234,7 @@ class Outbox:
                     self._write_queued()
                 else:
                     frame, seq = self._frames.pop(0), self._seqs.pop(0)
+                    self._queued_bytes -= len(frame)
                     self._signal_room()
                     self.sending_since = self._loop.time()
                     await self._sink.send(frame)

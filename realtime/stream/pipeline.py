@@ -4,7 +4,7 @@ Lifecycle:
     start   listener task (connects, catches up, goes live), stuck-send watchdog, retention pruner; a chained
             SIGTERM/SIGINT handler so WebSockets are closed with 1012 and their resume position before the
             server starts tearing connections down
-    run     endpoint sessions register subscriptions with the hub and read history through `connection()`
+    run     endpoint sessions register subscriptions with the hub and read history through `reads`
     stop    every WebSocket closed with 1012 (bounded by SHUTDOWN_TIMEOUT_S), then background tasks cancelled
 """
 
@@ -25,10 +25,12 @@ from realtime.config import Settings
 from realtime.db import DATABASE_ERRORS
 from realtime.dsn import Dsn
 from realtime.stream import changelog
+from realtime.stream.admission import Admission
 from realtime.stream.catalog import Catalog
 from realtime.stream.hub import Hub
 from realtime.stream.listener import Listener, ListenerSettings
 from realtime.stream.outbox import CLOSE_RESTARTING, Flusher
+from realtime.stream.reads import ReadSlots
 
 _log = logging.getLogger(__name__)
 _WATCHDOG_INTERVAL_S = 1.0
@@ -39,7 +41,9 @@ class StreamPipeline:
         self.settings = settings
         self._engine = engine
         self.hub = Hub()
-        self.catalog = Catalog(self.connection)
+        self.reads = ReadSlots(self.connection, settings.stream_max_concurrent_reads, settings.stream_read_wait_s)
+        self.catalog = Catalog(self.reads.connection)
+        self.admission = Admission(settings.ws_max_connections, settings.ws_max_connections_per_client)
         self.listener = Listener(
             url,
             self.hub,
@@ -57,7 +61,7 @@ class StreamPipeline:
 
     @contextlib.asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled asyncpg connection for snapshots, replays and catalog look-ups."""
+        """A pooled asyncpg connection (client-driven reads take it through `reads`, which bounds them)."""
         async with self._engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver: asyncpg.Connection = raw.driver_connection

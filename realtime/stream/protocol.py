@@ -16,6 +16,7 @@ from realtime.stream.filters import Condition, FilterError, compile_condition
 
 EVENTS = ("INSERT", "UPDATE", "DELETE")
 MAX_ID_LENGTH = 64
+MAX_REF_LENGTH = 128
 MAX_FILTER_CONDITIONS = 20
 MAX_SEQ = 2**63 - 1
 
@@ -83,6 +84,9 @@ def parse_client_message(text: str) -> ClientMessage:
     ref = message.get("ref")
     if isinstance(ref, dict | list):
         raise ProtocolError("bad_message", "ref must be a string, number, boolean or null")
+    if isinstance(ref, str) and len(ref) > MAX_REF_LENGTH:
+        # Not echoed: every reply repeats the ref, and a large one would be a cheap way to fill the queue.
+        raise ProtocolError("bad_message", f"ref strings are limited to {MAX_REF_LENGTH} characters")
     kind = message.get("type")
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "frame needs a string field 'type'", ref=ref)
