@@ -149,6 +149,9 @@ async def running(spec: ServerSpec, log_dir: Path, workers: int = 1) -> AsyncIte
     port = free_port()
     log_path, log = _open_log(log_dir, spec.name, port)
     env = {**os.environ, "DATABASE_URL": dsn(spec.database), "PORT": str(port)}
+    if spec.name == "realtime":
+        # Every subscriber of the load generator comes from 127.0.0.1, and the idle scenario holds 10,000+.
+        env.update(WS_MAX_CONNECTIONS_PER_CLIENT="1000000", WS_MAX_CONNECTIONS="1000000")
     try:
         proc = await asyncio.create_subprocess_exec(
             *spec.command(port, workers),
