@@ -16,7 +16,10 @@
  *
  *     sent ─► [snapshot chunks, assembled] ─► subscribed ─► change, change, ...
  *       ├─ with `since: lastSeq` once it has a position, so the server replays exactly what was missed
- *       └─ error cursor_expired ─► `reset` handler ─► sent again with `snapshot: true`
+ *       ├─ error cursor_expired ─► `reset` handler ─► sent again with `snapshot: true`
+ *       ├─ error unavailable ─► `retry` handler ─► retrying: sent again, the same way, after
+ *       │                       max(retry_after_ms, backoff) plus jitter; the backoff grows while it repeats
+ *       └─ any other error ─► `error` handler ─► failed (never retried)
  *
  * Positions (`seq`) are read as JavaScript numbers; they stay exact up to 2^53, far beyond any real changelog.
  */
@@ -67,6 +70,9 @@
  * @property {() => void} [reset]
  *           the server no longer holds the changes since our last position; a fresh `snapshot` follows,
  *           so throw away what you derived from earlier frames
+ * @property {(err: RealtimeError, delay: number) => void} [retry]
+ *           the server cannot serve the subscription right now (`err.code` is `unavailable`, `err.retryAfter` its
+ *           hint); it is asked again in `delay` ms, from the same position, and stays open meanwhile
  * @property {(err: RealtimeError) => void} [error]  the server refused the subscription; it is closed
  */
 
@@ -100,6 +106,8 @@ const OPS = ['INSERT', 'UPDATE', 'DELETE'];
 const CLOSE_NO_ANSWER = 4000;
 // 2 ** 30 times any sane initial delay already exceeds every sane cap; stop growing the exponent there.
 const MAX_EXPONENT = 30;
+// A server's `retry_after_ms` above this counts as this: a delay past 2^31 - 1 ms would make setTimeout fire at once.
+const MAX_RETRY_AFTER = 300_000;
 
 /** An `error` frame from the server, or a problem this client detected. */
 export class RealtimeError extends Error {
@@ -107,12 +115,14 @@ export class RealtimeError extends Error {
    * @param {string} code     the protocol error code, e.g. `invalid_filter`
    * @param {string} message
    * @param {unknown} [ref]   the `ref` of the request it answers
+   * @param {number | null} [retryAfter]  the server's `retry_after_ms` hint (sent with `unavailable`), else null
    */
-  constructor(code, message, ref) {
+  constructor(code, message, ref, retryAfter = null) {
     super(message);
     this.name = 'RealtimeError';
     this.code = code;
     this.ref = ref;
+    this.retryAfter = retryAfter;
   }
 }
 
@@ -152,7 +162,7 @@ export class Subscription {
     return this.#record.lastSeq;
   }
 
-  /** @returns {'pending' | 'live' | 'closed' | 'failed'} */
+  /** @returns {SubState} */
   get state() {
     return this.#record.phase;
   }
@@ -164,6 +174,13 @@ export class Subscription {
 }
 
 /**
+ * `pending`: sent (or waiting for the connection), not answered yet. `live`: subscribed. `retrying`: refused as
+ * `unavailable` and asked again after a delay, until that succeeds (a lost connection makes it `pending` again,
+ * like every subscription). `closed`: unsubscribed. `failed`: refused for good.
+ * @typedef {'pending' | 'live' | 'retrying' | 'closed' | 'failed'} SubState
+ */
+
+/**
  * @typedef {object} SubRecord
  * @property {string} id
  * @property {string} table
@@ -172,9 +189,11 @@ export class Subscription {
  * @property {Handlers} handlers
  * @property {number | null} lastSeq       highest seq delivered; the resume point
  * @property {boolean} needSnapshot        true until a complete snapshot has been delivered (if one is wanted)
- * @property {'pending' | 'live' | 'closed' | 'failed'} phase
+ * @property {SubState} phase
  * @property {unknown} ref                  ref of the subscribe request in flight on this connection
  * @property {Record<string, unknown>[]} chunks  snapshot rows received so far on this connection
+ * @property {number} refusals              `unavailable` answers in a row; sets how long the next retry waits
+ * @property {ReturnType<typeof setTimeout> | null} retryTimer  the pending re-send after an `unavailable`
  */
 
 export class RealtimeClient {
@@ -326,6 +345,8 @@ export class RealtimeClient {
       phase: 'pending',
       ref: null,
       chunks: [],
+      refusals: 0,
+      retryTimer: null,
     };
     this.#subs.set(id, record);
     if (this.#isOpen()) this.#sendSubscribe(record);
@@ -456,6 +477,8 @@ export class RealtimeClient {
     this.#draining.clear();
     for (const record of this.#subs.values()) {
       // A half-received snapshot is useless: the next connection asks for a new one (lastSeq is still null).
+      // A retry that was waiting is dropped too: the next connection sends every subscription at once.
+      this.#cancelRetry(record);
       record.phase = 'pending';
       record.ref = null;
       record.chunks = [];
@@ -522,16 +545,54 @@ export class RealtimeClient {
     // Once we hold a position, `since` makes the server replay exactly the gap: nothing lost, nothing twice.
     if (record.lastSeq != null) message.since = record.lastSeq;
     else if (record.needSnapshot) message.snapshot = true;
-    record.phase = 'pending';
+    // A retry stays `retrying` until it is answered: the caller learns it is live from `subscribed`.
+    if (record.phase !== 'retrying') record.phase = 'pending';
     record.chunks = [];
     record.ref = this.#send(message, { kind: 'subscribe', record });
+  }
+
+  /**
+   * The server cannot serve this subscription right now (database or change stream away, history reads busy).
+   * Ask again later, the same way: `since` once it holds a position, so nothing is lost or delivered twice.
+   * The delay honours the server's hint, and is never shorter than this client's own backoff, which doubles
+   * with each refusal in a row; up to half of it again is added at random so clients do not return together.
+   * @param {SubRecord} record
+   * @param {RealtimeError} err
+   */
+  #retryLater(record, err) {
+    const { initial, max } = this.#options.backoff;
+    const own = Math.min(max, initial * 2 ** Math.min(record.refusals, MAX_EXPONENT));
+    record.refusals += 1;
+    const base = Math.max(err.retryAfter ?? 0, own);
+    const delay = base * (1 + Math.random() / 2);
+    this.#cancelRetry(record);
+    record.phase = 'retrying';
+    record.ref = null;
+    record.chunks = [];
+    record.retryTimer = setTimeout(() => {
+      record.retryTimer = null;
+      // A lost connection cancels this timer; a new one sends every subscription itself.
+      if (this.#subs.get(record.id) === record && this.#isOpen()) this.#sendSubscribe(record);
+    }, delay);
+    call(record.handlers.retry, err, delay);
+  }
+
+  /** @param {SubRecord} record */
+  #cancelRetry(record) {
+    if (record.retryTimer) clearTimeout(record.retryTimer);
+    record.retryTimer = null;
   }
 
   /** @param {SubRecord} record */
   #unsubscribe(record) {
     if (this.#subs.get(record.id) !== record) return;
     this.#subs.delete(record.id);
+    // Waiting to retry: the server holds nothing for it (its last subscribe was refused), so there is nothing
+    // to tell it.
+    const waiting = record.retryTimer != null;
+    this.#cancelRetry(record);
     record.phase = 'closed';
+    if (waiting) return;
     if (this.#send({ type: 'unsubscribe', id: record.id }, { kind: 'unsubscribe', record }) != null) {
       this.#draining.add(record.id);
     }
@@ -587,7 +648,8 @@ export class RealtimeClient {
   /** @param {any} frame */
   #onSnapshot(frame) {
     const record = this.#subs.get(frame.id);
-    if (!record || record.phase !== 'pending') return;
+    // Snapshot chunks only come before `subscribed`, for the request in flight (pending, or a retry).
+    if (!record || record.phase === 'live' || record.ref == null) return;
     for (const row of frame.rows ?? []) record.chunks.push(row);
     if (!frame.last) return;
     const rows = record.chunks;
@@ -605,6 +667,7 @@ export class RealtimeClient {
     // Ignore a reply that answers an earlier subscribe of this id rather than the one in flight.
     if (!record || (frame.ref != null && record.ref !== frame.ref)) return;
     record.phase = 'live';
+    record.refusals = 0;
     // Live from `seq` means nothing that matches lies between our position and it, so moving up is safe.
     if (typeof frame.seq === 'number' && (record.lastSeq == null || frame.seq > record.lastSeq)) {
       record.lastSeq = frame.seq;
@@ -626,7 +689,9 @@ export class RealtimeClient {
   #onError(frame) {
     const purpose = frame.ref != null ? this.#pending.get(frame.ref) : undefined;
     if (frame.ref != null) this.#pending.delete(frame.ref);
-    const err = new RealtimeError(frame.code ?? 'unknown', frame.message ?? '', frame.ref);
+    const hint = frame.retry_after_ms;
+    const retryAfter = Number.isFinite(hint) && hint >= 0 ? Math.min(hint, MAX_RETRY_AFTER) : null;
+    const err = new RealtimeError(frame.code ?? 'unknown', frame.message ?? '', frame.ref, retryAfter);
 
     if (purpose?.kind === 'unsubscribe') {
       // not_subscribed: the server had already dropped it (its subscribe failed). Either way it is gone.
@@ -645,6 +710,11 @@ export class RealtimeClient {
       record.needSnapshot = true;
       call(record.handlers.reset);
       if (this.#subs.get(record.id) === record) this.#sendSubscribe(record);
+      return;
+    }
+    if (err.code === 'unavailable') {
+      // Transient by definition: the subscription stays open and is asked for again, from where it was.
+      this.#retryLater(record, err);
       return;
     }
     // Any other refusal (bad filter, unknown table, limits) will not fix itself on retry.
