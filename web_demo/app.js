@@ -5,6 +5,8 @@
  * Hooks for browser tests (values of `data-testid`):
  *   status                 connection state; text is exactly `connecting`, `live`, `reconnecting` or `offline`
  *   seq                    last seq received by the table's subscription; `—` before the first
+ *   subscription           state of the table's subscription; text is exactly `pending`, `live`, `retrying`
+ *                          (the server answered `unavailable`; asked again after a delay) or `failed`
  *   create-form            the "Add a user" form, with fields create-name, create-email and button create-submit
  *   error-name, error-email, error-form   inline errors of that form; empty text when there is none
  *   create-status          confirmation after a successful create
@@ -687,6 +689,14 @@ function showSeq(seq) {
   $('seq').textContent = seq == null ? '—' : String(seq);
 }
 
+/** Show the table subscription's state as the client reports it. */
+function showSubscription() {
+  const state = subscription?.state ?? 'pending';
+  const node = $('subscription');
+  node.textContent = state;
+  node.dataset.state = state;
+}
+
 /**
  * (Re)subscribe the table, with a snapshot so the view starts complete.
  * @param {import('./realtime.js').Condition | null} filter
@@ -711,6 +721,7 @@ function subscribeTable(filter) {
     },
     subscribed(seq) {
       showSeq(sub.seq);
+      showSubscription();
       logNote(`Subscribed; live after seq ${seq}.`);
     },
     change(frame) {
@@ -723,7 +734,14 @@ function subscribeTable(filter) {
     reset() {
       logNote('Our resume point expired on the server; reloading the table from a fresh snapshot.', 'warn');
     },
+    retry(err, delay) {
+      showSubscription();
+      // The table keeps what it shows: the retry resumes from the page's position (or asks for the snapshot
+      // again if none has arrived yet), so nothing is missed.
+      logNote(`The server cannot serve the table right now (${err.message}); asking again in ${(delay / 1000).toFixed(1)} s.`, 'warn');
+    },
     error(err) {
+      showSubscription();
       snapshotLoaded = true;
       updateMeta();
       $('user-count').textContent = 'not subscribed';
@@ -732,6 +750,7 @@ function subscribeTable(filter) {
     },
   });
   subscription = sub;
+  showSubscription();
 }
 
 function wireFilter() {
@@ -868,6 +887,7 @@ function wireConnection() {
     status.textContent = state;
     status.dataset.state = state;
     document.body.dataset.connection = state;
+    showSubscription(); // a lost connection makes the subscription pending until it is sent again
     logNote(said[state], state === 'live' ? 'info' : 'warn');
   });
   rt.on('disconnect', ({ code, reason }) => {
