@@ -81,6 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level,
+            # uvicorn's httptools protocol with bounds on request heads (size, header count, time to arrive).
+            http="realtime.http_protocol:BoundedHttpToolsProtocol",
             # uvicorn's sans-I/O protocol lets the stream write pre-encoded frames straight to the transport
             # (wire.py); this subclass of it holds less per open connection (ws_protocol.py).
             ws="realtime.stream.ws_protocol:LeanWebSocketsSansIOProtocol",
