@@ -92,7 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
             # Oversized frames are answered with an error frame by the app; only absurd ones are cut here.
             ws_max_size=max(16 * settings.ws_max_frame_bytes, 1 << 20),
             timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
-            proxy_headers=True,
+            # Passed even when empty: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 by default.
+            proxy_headers=bool(settings.forwarded_allow_ips),
+            forwarded_allow_ips=settings.forwarded_allow_ips,
         )
     return 0
 

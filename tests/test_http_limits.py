@@ -1,5 +1,5 @@
 """Bounds on what an HTTP client can make the server hold: request heads (bytes, headers, time), silent
-connections, and clients that abort pipelined requests.
+connections, clients that abort pipelined requests, and whose X-Forwarded-For is believed.
 
 Everything goes over real loopback sockets to a real `realtime serve`; the timeout tests use a server of their
 own with a header timeout of one second.
@@ -13,6 +13,7 @@ import json
 import socket
 import struct
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 
 from realtime.dsn import Dsn
 from tests.support.server import ServerProcess, running_server
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,8 +88,8 @@ def log_path(artifacts_dir: Path, request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture(scope="module")
 async def strict_server(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
-    """A server with a one-second header timeout."""
-    env = {"HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+    """A server with a one-second header timeout that trusts X-Forwarded-For from loopback."""
+    env = {"HTTP_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S), "FORWARDED_ALLOW_IPS": "127.0.0.1"}
     async with running_server(database_url, artifacts_dir / "http-limits-strict.log", env=env) as server:
         yield server
 
@@ -234,3 +236,28 @@ async def test_client_aborting_pipelined_requests_logs_no_error(database_url: Ds
     log = await asyncio.to_thread(log_path.read_text, errors="replace")
     assert "ERROR" not in log
     assert "Traceback" not in log
+
+
+async def forwarded_request_logged_as(server: ServerProcess) -> str:
+    """The client address the access log gives a request sent with a forged X-Forwarded-For."""
+    marker = uuid.uuid4().hex
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=10) as client:
+        response = await client.get("/healthz", params={"probe": marker}, headers={"X-Forwarded-For": "203.0.113.9"})
+    assert response.status_code == 200
+
+    async def access_line() -> str | None:
+        lines = (await asyncio.to_thread(server.log_text)).splitlines()
+        return next((line for line in lines if marker in line), None)
+
+    line: str = await eventually(access_line, 10, "the request's access log line")
+    return line.split(" - ")[0].split()[-1]
+
+
+async def test_forwarded_for_is_ignored_by_default(server: ServerProcess) -> None:
+    """With FORWARDED_ALLOW_IPS unset, X-Forwarded-For from loopback is not believed: the socket peer is logged."""
+    assert (await forwarded_request_logged_as(server)).startswith("127.0.0.1:")
+
+
+async def test_forwarded_for_is_believed_from_configured_proxies(strict_server: ServerProcess) -> None:
+    """With FORWARDED_ALLOW_IPS=127.0.0.1, X-Forwarded-For from loopback names the client in the access log."""
+    assert (await forwarded_request_logged_as(strict_server)).startswith("203.0.113.9:")
