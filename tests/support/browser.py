@@ -1,8 +1,10 @@
-"""Driving the demo page in Debian's Chromium through playwright's async API.
+"""Driving the demo page, and the client library on its own, in Debian's Chromium through playwright's async API.
 
 The browser is the system one (/usr/bin/chromium); nothing is downloaded. `DemoPage` wraps one tab on the demo
-and knows its `data-testid` hooks (listed at the top of web_demo/app.js). Every wait has a deadline: playwright's
-`expect` polls a condition until its timeout, and nothing here sleeps to let something happen.
+and knows its `data-testid` hooks (listed at the top of web_demo/app.js). `ClientTab` runs `realtime.js` as served
+by the server under test, in a tab of that server's origin, with the options a test chooses, and records what it
+reports. Every wait has a deadline: playwright's `expect` and `wait_for_function` poll a condition until their
+timeout, and nothing here sleeps to let something happen.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +64,8 @@ class DemoPage:
     page_errors: list[str] = field(default_factory=list)
     console: list[str] = field(default_factory=list)
     sent_frames: list[dict[str, Any]] = field(default_factory=list)
+    # Every frame the page received, as (time.monotonic() on arrival here, frame).
+    received_frames: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
     @classmethod
     async def new(cls, context: BrowserContext, name: str) -> DemoPage:
@@ -81,6 +86,7 @@ class DemoPage:
 
     def _on_websocket(self, socket: WebSocket) -> None:
         socket.on("framesent", lambda payload: self.sent_frames.append(json.loads(payload)))
+        socket.on("framereceived", lambda payload: self.received_frames.append((time.monotonic(), json.loads(payload))))
 
     async def wait_ready(self) -> None:
         """The socket is live and the table holds its snapshot (the seq display shows a position)."""
@@ -137,6 +143,10 @@ class DemoPage:
         """The `subscribe` frames the page sent, in order."""
         return [frame for frame in self.sent_frames if frame.get("type") == "subscribe"]
 
+    def errors_received(self) -> list[dict[str, Any]]:
+        """The `error` frames the page received, in order."""
+        return [frame for _, frame in self.received_frames if frame.get("type") == "error"]
+
     # -- acting
 
     async def create_user(self, name: str, email: str, expect_status: int = 201) -> dict[str, Any]:
@@ -171,3 +181,150 @@ def _is_request(method: str, path: str) -> Callable[[Any], bool]:
         return bool(request.method == method and request.url.split("?")[0].endswith(path))
 
     return matches
+
+
+# ------------------------------------------------------------------------------------------ the client alone
+
+# The tab shows the library's own source, as the server under test serves it: a document of the server's origin
+# with no script of its own, so that `/realtime.js` and `/ws` resolve against that server. (A page the test made
+# up itself, e.g. with `page.route`, has no network address, and Chromium's local-network checks then refuse its
+# WebSocket to 127.0.0.1.)
+CLIENT_PAGE_PATH = "/realtime.js"
+
+# Builds one RealtimeClient in the page and records, in `window.__rt.log`, everything it reports (status,
+# disconnect and error events, every handler call) and every frame it sends and receives, each with the
+# page's own clock (`t`, performance.now() in ms). The socket is the browser's WebSocket; the subclass only
+# records frames (with the number of the socket, 1 for the first) before the client sees them, including
+# frames that reach a socket the client has already given up on.
+_SET_UP_CLIENT = """
+async (options) => {
+  const { RealtimeClient } = await import('/realtime.js');
+  const log = [];
+  const note = (entry) => log.push({ t: performance.now(), ...entry });
+  let sockets = 0;
+  class RecordingWebSocket extends WebSocket {
+    constructor(url) {
+      super(url);
+      this.number = ++sockets;
+      this.addEventListener('message', (event) => {
+        note({ kind: 'received', socket: this.number, frame: JSON.parse(event.data) });
+      });
+    }
+    send(data) {
+      note({ kind: 'sent', socket: this.number, frame: JSON.parse(data) });
+      super.send(data);
+    }
+  }
+  const client = new RealtimeClient('/ws', { ...options, WebSocket: RecordingWebSocket });
+  client.on('status', (status) => note({ kind: 'status', status }));
+  client.on('disconnect', ({ code, reason }) => note({ kind: 'disconnect', code, reason }));
+  client.on('error', (err) => note({ kind: 'client-error', code: err.code, message: err.message }));
+  const subs = new Map();
+  window.__rt = {
+    client,
+    log,
+    subs,
+    subscribe(spec) {
+      let sub;
+      sub = client.subscribe(spec, {
+        snapshot: (rows, seq) => note({ kind: 'snapshot', id: sub.id, seq, rows: rows.length }),
+        subscribed: (seq) => note({ kind: 'subscribed', id: sub.id, seq, state: sub.state }),
+        change: (frame) => note({ kind: 'change', id: sub.id, seq: frame.seq, op: frame.op }),
+        reset: () => note({ kind: 'reset', id: sub.id }),
+        retry: (err, delay) => note({
+          kind: 'retry', id: sub.id, code: err.code, retryAfter: err.retryAfter, delay, state: sub.state,
+        }),
+        error: (err) => note({ kind: 'error', id: sub.id, code: err.code, state: sub.state }),
+      });
+      subs.set(sub.id, sub);
+      return sub.id;
+    },
+  };
+}
+"""
+
+
+@dataclass
+class ClientTab:
+    """One tab running a `RealtimeClient` of the test's own against a real server (see `_SET_UP_CLIENT`)."""
+
+    page: Page
+    page_errors: list[str] = field(default_factory=list)
+    console: list[str] = field(default_factory=list)
+
+    @classmethod
+    async def open(cls, context: BrowserContext, base_url: str, options: dict[str, Any]) -> ClientTab:
+        """A blank tab on `base_url`'s origin with a client built from `options`, not yet connected."""
+        page = await context.new_page()
+        tab = cls(page=page)
+        page.on("pageerror", lambda error: tab.page_errors.append(str(error)))
+        page.on("console", lambda message: tab.console.append(f"{message.type}: {message.text}"))
+        await page.goto(base_url + CLIENT_PAGE_PATH)
+        await page.evaluate(_SET_UP_CLIENT, options)
+        return tab
+
+    async def subscribe(self, spec: dict[str, Any]) -> str:
+        """`client.subscribe(spec)` with recording handlers; returns the subscription id."""
+        sub_id: str = await self.page.evaluate("spec => window.__rt.subscribe(spec)", spec)
+        return sub_id
+
+    async def connect(self) -> None:
+        await self.page.evaluate("() => { window.__rt.client.connect(); }")
+
+    async def close(self) -> None:
+        await self.page.evaluate("() => { window.__rt.client.close(); }")
+
+    async def state(self, sub_id: str) -> str:
+        state: str = await self.page.evaluate("id => window.__rt.subs.get(id).state", sub_id)
+        return state
+
+    async def log(self, kind: str | None = None) -> list[dict[str, Any]]:
+        """What the client reported so far, oldest first; only entries of `kind` if given."""
+        entries: list[dict[str, Any]] = await self.page.evaluate(
+            "kind => window.__rt.log.filter(e => kind === null || e.kind === kind)", kind
+        )
+        return entries
+
+    async def changes(self, sub_id: str) -> list[int]:
+        """The positions of the changes delivered to a subscription's `change` handler, in order."""
+        return [entry["seq"] for entry in await self.log("change") if entry["id"] == sub_id]
+
+    async def sent(self, frame_type: str) -> list[dict[str, Any]]:
+        return [entry["frame"] for entry in await self.log("sent") if entry["frame"]["type"] == frame_type]
+
+    async def wait_for(self, kind: str, timeout_ms: float = STREAM_TIMEOUT_MS, after: int = 0, **match: Any) -> int:
+        """Wait until the log holds an entry of `kind` with the given fields, at index `after` or later; returns
+        its index."""
+        try:
+            handle = await self.page.wait_for_function(
+                """({ kind, match, after }) => {
+                  const log = window.__rt.log;
+                  for (let i = after; i < log.length; i++) {
+                    const e = log[i];
+                    if (e.kind === kind && Object.entries(match).every(([k, v]) => e[k] === v)) return i + 1;
+                  }
+                  return 0;
+                }""",
+                arg={"kind": kind, "match": match, "after": after},
+                timeout=timeout_ms,
+            )
+        except PlaywrightTimeoutError:
+            tail = (await self.log())[-8:]
+            raise AssertionError(f"no {kind} {match} within {timeout_ms} ms; last entries: {tail}") from None
+        index: int = await handle.json_value()
+        return index - 1
+
+    async def wait_change_at_least(self, sub_id: str, seq: int, timeout_ms: float = STREAM_TIMEOUT_MS) -> None:
+        """Wait until the subscription has delivered a change at `seq` or later."""
+        try:
+            await self.page.wait_for_function(
+                """({ id, seq }) => window.__rt.log.some(e => e.kind === 'change' && e.id === id && e.seq >= seq)""",
+                arg={"id": sub_id, "seq": seq},
+                timeout=timeout_ms,
+            )
+        except PlaywrightTimeoutError:
+            delivered = await self.changes(sub_id)
+            raise AssertionError(f"{sub_id} did not reach seq {seq} within {timeout_ms} ms: {delivered}") from None
+
+    def save_console(self, path: Path) -> None:
+        path.write_text("\n".join([*self.console, *(f"pageerror: {error}" for error in self.page_errors)]) + "\n")
