@@ -2,16 +2,26 @@
 
 A writing request's transaction commits when the route returns and rolls back when it raises, so routes never
 commit; a reading request gets an autocommit connection.
+
+Every request's use of the database has one deadline, POOL_TIMEOUT after it asks for a connection:
+    checkout   waiting for a pool slot, closing a stale connection, opening a new one: cancelled at the deadline
+    use        statements, commit or rollback: at the deadline a timer aborts the connection's socket, so the
+               operation in flight fails at once with a connection error (no task is cancelled mid-statement)
+    return     a connection that outlived the deadline, or whose statement timed out, is discarded, never pooled
+so a database that stops answering costs a request POOL_TIMEOUT, after which it gets `DatabaseTimeout` (503).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import asyncpg
 from fastapi import Depends, Request
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from realtime.config import Settings
@@ -32,20 +42,66 @@ DATABASE_ERRORS = (
 )
 
 
+def failure_chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and what it was raised from: SQLAlchemy keeps the driver's error in `.orig`, whose `__cause__` is
+    asyncpg's own."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else current.__cause__
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line saying why the database could not be used, from the error at the root of the chain: its message
+    (asyncpg's and PostgreSQL's never contain the password), or its class when it has none."""
+    for link in failure_chain(error):
+        if isinstance(link, DatabaseTimeout):
+            return str(link)
+        if isinstance(link, PoolTimeout):
+            return "no pool connection free in time"
+    *_, root = failure_chain(error)
+    if isinstance(root, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(root, TimeoutError):
+        return "timed out"
+    message = " ".join(str(root).split())
+    return f"{type(root).__name__}: {message}" if message else type(root).__name__
+
+
+class _PoolConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg ships no type information
+    """asyncpg's connection, closed without waiting for the server to close its end.
+
+    `terminate()` still sends PostgreSQL the Terminate message, so the server ends the session just as after a
+    graceful close; it only skips the wait, which a frozen server never ends. The pool closes connections one at
+    a time (all of them at shutdown, stale ones when a request recycles them), and each wait would last up to the
+    command timeout.
+    """
+
+    async def close(self, *, timeout: float | None = None) -> None:
+        self.terminate()
+
+
 def create_engine(settings: Settings, url: Dsn) -> AsyncEngine:
     """An asyncpg-backed engine whose pool is sized by settings and named `realtime` in pg_stat_activity."""
     # UTC: snapshot rows are rendered by PostgreSQL in the session's TimeZone and must read as change rows do.
     server_settings = {"application_name": POOL_APPLICATION_NAME, "TimeZone": "UTC"}
     # A connection that cannot be opened (server frozen, SYN answered but no start-up reply) fails within the
     # pool timeout instead of asyncpg's default of a minute, so a request is answered 503 in time.
-    connect_args: dict[str, Any] = {"server_settings": server_settings, "timeout": settings.pool_timeout}
+    connect_args: dict[str, Any] = {
+        "server_settings": server_settings,
+        "timeout": settings.pool_timeout,
+        "connection_class": _PoolConnection,
+    }
     if settings.idle_in_transaction_timeout_ms:
         # The last line of defence: a transaction left open by a bug, not by design, is ended by the server.
         server_settings["idle_in_transaction_session_timeout"] = str(settings.idle_in_transaction_timeout_ms)
     if settings.statement_timeout_ms:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
         # The server cancels slow statements; this client-side bound also covers a silently dead connection
-        # (half-open TCP), which would otherwise hang the request forever.
+        # (half-open TCP) for the stream's reads. REST requests have a shorter deadline (`bounded_connection`).
         connect_args["command_timeout"] = settings.statement_timeout_ms / 1000 + 5
     return create_async_engine(
         url.sqlalchemy(),
@@ -64,17 +120,69 @@ def autocommit(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
+class DatabaseTimeout(TimeoutError):
+    """The database did not answer within the deadline of the work that needed it."""
+
+
+@contextlib.asynccontextmanager
+async def bounded_connection(engine: AsyncEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection that is got, used and given back within `seconds`, or DatabaseTimeout is raised.
+
+    Getting it is cancelled at the deadline; once it is held, the deadline aborts its socket instead, so that
+    whatever is in flight fails with a connection error and SQLAlchemy's own error path invalidates it. A task
+    cancelled in the middle of a statement would have SQLAlchemy close the connection politely, which waits on the
+    silent server. Costs a timer per request and no round trip.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    conn = engine.connect()
+    try:
+        async with asyncio.timeout_at(deadline):
+            await conn.start()
+    except TimeoutError as error:
+        raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
+    assert conn.sync_connection is not None
+    driver: asyncpg.Connection = conn.sync_connection.connection.driver_connection
+    overran = False
+
+    def abort() -> None:
+        nonlocal overran
+        overran = True
+        driver.terminate()
+
+    timer = loop.call_at(deadline, abort)
+    try:
+        yield conn
+    except DATABASE_ERRORS as error:
+        if overran:
+            raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
+        if isinstance(error, TimeoutError):
+            # asyncpg's own command timeout: the connection is left waiting on a cancel request that a silent
+            # server does not answer either, so it is not fit to be used again.
+            driver.terminate()
+        raise
+    finally:
+        timer.cancel()
+        try:
+            if driver.is_closed():
+                await conn.invalidate()  # the pool would otherwise hand out the closed connection again
+        finally:
+            await conn.close()
+
+
 async def get_transaction(request: Request) -> AsyncIterator[AsyncConnection]:
     """One transaction per request: committed if the route succeeds, rolled back if it raises."""
     engine: AsyncEngine = request.state.engine
-    async with engine.begin() as conn:
+    settings: Settings = request.state.settings
+    async with bounded_connection(engine, settings.pool_timeout) as conn, conn.begin():
         yield conn
 
 
 async def get_read_connection(request: Request) -> AsyncIterator[AsyncConnection]:
     """One autocommit connection per read-only request."""
     engine: AsyncEngine = request.state.read_engine
-    async with engine.connect() as conn:
+    settings: Settings = request.state.settings
+    async with bounded_connection(engine, settings.pool_timeout) as conn:
         yield conn
 
 
