@@ -20,7 +20,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from realtime.db import describe_failure, failure_chain
+
 PROBLEM_JSON = "application/problem+json"
+_ASYNCPG_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
 _log = logging.getLogger(__name__)
 
 
@@ -67,8 +70,16 @@ class PreconditionFailed(ProblemError):
     status, slug, title = 412, "precondition-failed", "Precondition failed"
 
 
+# Seconds a client is asked to wait before retrying after a 503: the database may be back by then, and a request
+# that finds it still away costs the server at most POOL_TIMEOUT of waiting.
+RETRY_AFTER_S = 1
+
+
 class Unavailable(ProblemError):
     status, slug, title = 503, "unavailable", "Service unavailable"
+
+    def __init__(self, detail: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(detail, headers={"Retry-After": str(RETRY_AFTER_S), **(headers or {})})
 
 
 _TITLES = {
@@ -177,21 +188,50 @@ async def _on_http(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _on_database(request: Request, exc: Exception) -> JSONResponse:
-    """Connection loss, pool exhaustion and statement timeouts are the database's state, not a bug: 503."""
+    """Connection loss, timeouts, pool exhaustion and a server that refuses work are the database's state, not a
+    bug: 503 with Retry-After, logged in one line. Anything else from the database is a bug: 500."""
     if _is_unavailable(exc):
-        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
-        return problem_response(503, "the database is unavailable or overloaded; retry shortly")
+        _log.warning("database unavailable on %s %s: %s", request.method, request.url.path, describe_failure(exc))
+        return problem_response(
+            503,
+            "the database is unavailable or overloaded; retry shortly",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
     return await _on_unexpected(request, exc)
 
 
-def _is_unavailable(exc: Exception) -> bool:
-    if isinstance(exc, sqlalchemy.exc.TimeoutError | sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError):
-        return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    cause = getattr(exc, "orig", None) or exc.__cause__
-    unavailable = (OSError, TimeoutError, asyncpg.InterfaceError, asyncpg.QueryCanceledError)
-    return isinstance(cause, unavailable) or isinstance(getattr(cause, "__cause__", None), unavailable)
+# SQLSTATE classes that mean "the server cannot do work now", whatever the statement: connection exception,
+# insufficient resources (too many connections, out of memory, disk full), operator intervention (statement
+# timeout, shutdown, starting up), system error (I/O).
+_UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+
+
+def _is_unavailable(exc: BaseException) -> bool:
+    """Whether this error, or what it was raised from, is a connection, timeout, pool or server-state failure.
+
+    Errors come wrapped by SQLAlchemy (`.orig`, then the asyncpg error as `__cause__`) or bare: a timeout or a
+    refused connection while a connection is opened, and asyncpg's command timeout, are not DBAPI errors.
+    """
+    for error in failure_chain(exc):
+        if isinstance(error, _UNAVAILABLE_ERRORS):
+            return True
+        if isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated:
+            return True
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(error, asyncpg.PostgresError) and str(sqlstate)[:2] in _UNAVAILABLE_SQLSTATE_CLASSES:
+            return True
+    return False
+
+
+_UNAVAILABLE_ERRORS = (
+    sqlalchemy.exc.TimeoutError,  # no pool connection free in time
+    sqlalchemy.exc.DisconnectionError,
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    OSError,  # with TimeoutError (and so DatabaseTimeout), ConnectionRefusedError, ConnectionResetError
+    asyncpg.InterfaceError,  # with ConnectionDoesNotExistError
+    asyncpg.InternalClientError,
+)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -204,6 +244,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation)
     app.add_exception_handler(StarletteHTTPException, _on_http)
-    app.add_exception_handler(sqlalchemy.exc.SQLAlchemyError, _on_database)
-    app.add_exception_handler(OSError, _on_database)
+    # Errors of the database layer get their own handlers: one registered for Exception would run in Starlette's
+    # outermost middleware, which re-raises after answering, so every outage would log a traceback.
+    for database_error in (sqlalchemy.exc.SQLAlchemyError, OSError, *_ASYNCPG_ERRORS):
+        app.add_exception_handler(database_error, _on_database)
     app.add_exception_handler(Exception, _on_unexpected)
