@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Response, status
 
 from realtime.db import ReadConnectionDep, TransactionDep
-from realtime.errors import PROBLEM_JSON, Problem
+from realtime.errors import PROBLEM_JSON, RETRY_AFTER_S, Problem
 from realtime.users import service
 from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
 
@@ -25,7 +25,17 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     # `model` registers the Problem schema (FastAPI files it under application/json); the body is actually
     # served as application/problem+json, so that media type gets the schema too.
     content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
-    return {code: {"model": Problem, "content": content} for code in (*codes, 503)}
+    responses: dict[int | str, dict[str, Any]] = {code: {"model": Problem, "content": content} for code in codes}
+    responses[503] = {"model": Problem, "content": content, "headers": _RETRY_AFTER}
+    return responses
+
+
+_RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer", "minimum": 1, "example": RETRY_AFTER_S},
+    }
+}
 
 
 def _user_response(user: User, status_code: int = status.HTTP_200_OK) -> Response:
