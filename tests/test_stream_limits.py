@@ -112,6 +112,7 @@ async def test_a_client_over_its_frame_rate_is_refused_then_closed(database_url:
             replies = [await client.recv() for _ in range(6)]
             assert [reply["type"] for reply in replies] == ["pong"] * 5 + ["error"]
             assert replies[5]["code"] == "rate_limited"
+            assert replies[5]["ref"] == 5  # the client knows which frame to send again
             assert replies[5]["retry_after_ms"] > 0
             # Waiting as told is enough: the next frame is served.
             await asyncio.sleep(replies[5]["retry_after_ms"] / 1000)

@@ -712,7 +712,7 @@ export class RealtimeClient {
       if (this.#subs.get(record.id) === record) this.#sendSubscribe(record);
       return;
     }
-    if (err.code === 'unavailable') {
+    if (err.code === 'unavailable' || err.code === 'rate_limited') {
       // Transient by definition: the subscription stays open and is asked for again, from where it was.
       this.#retryLater(record, err);
       return;

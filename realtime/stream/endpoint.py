@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import orjson
 from starlette.types import Receive, Scope, Send
 
 from realtime.db import DATABASE_ERRORS
@@ -30,8 +31,11 @@ from realtime.stream.hub import Subscription
 from realtime.stream.outbox import Outbox
 from realtime.stream.pipeline import StreamPipeline
 from realtime.stream.protocol import (
+    MAX_ID_LENGTH,
+    MAX_REF_LENGTH,
     Ping,
     ProtocolError,
+    Ref,
     Subscribe,
     Unsubscribe,
     change_body,
@@ -102,6 +106,24 @@ class _Closing(Exception):
     """The outbox is closing (too slow, shutting down): history still to send would never arrive."""
 
 
+def _ref_and_id(text: str | None, max_bytes: int) -> tuple[Ref, str | None]:
+    """The `ref` and `id` of a frame that is refused unhandled, so the client knows which one to send again."""
+    if text is None or len(text) > max_bytes:
+        return None, None
+    try:
+        message = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None, None
+    if not isinstance(message, dict):
+        return None, None
+    ref, sub_id = message.get("ref"), message.get("id")
+    valid_ref = (
+        ref is None or isinstance(ref, int | float | bool) or (isinstance(ref, str) and len(ref) <= MAX_REF_LENGTH)
+    )
+    valid_id = isinstance(sub_id, str) and 1 <= len(sub_id) <= MAX_ID_LENGTH
+    return (ref if valid_ref else None), (sub_id if valid_id else None)
+
+
 def _filter_values(conditions: tuple[Condition, ...]) -> int:
     """What a filter holds, for the connection's budget: each `in` item counts, every other condition one."""
     return sum(len(c.value) if c.op == "in" else 1 for c in conditions)
@@ -142,9 +164,12 @@ class ClientSession:
                     if self._refused > settings.ws_rate_limit_close_after:
                         self._outbox.close(CLOSE_POLICY_VIOLATION, "rate limit exceeded")
                         continue
+                    ref, sub_id = _ref_and_id(text, max_bytes)
                     raise ProtocolError(
                         "rate_limited",
                         f"at most {settings.ws_messages_per_s:g} frames per second; this one was ignored",
+                        ref=ref,
+                        sub_id=sub_id,
                         retry_after_ms=self._rate.wait_ms(),
                     )
                 if self._refused and self._rate.rested():
