@@ -429,3 +429,134 @@ class PgProxy:
         else:
             # A half-open link stays open at the other end until the proxy shuts down.
             await asyncio.Event().wait()
+
+
+# ------------------------------------------------------------------------------------------- outage proxy
+
+
+async def _open_postgres(upstream: Dsn) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP or Unix-socket connection to the PostgreSQL that `upstream` names."""
+    parts = upstream.parts
+    port = parts.port or 5432
+    socket_dir = parse_qs(parts.query).get("host", [parts.hostname or ""])[0]
+    if socket_dir.startswith("/"):
+        return await asyncio.open_unix_connection(f"{socket_dir}/.s.PGSQL.{port}")
+    return await asyncio.open_connection(socket_dir or "127.0.0.1", port)
+
+
+class OutageProxy:
+    """A byte-for-byte TCP proxy in front of PostgreSQL, on a thread (and event loop) of its own, that makes the
+    whole database go away and come back, as its clients would see it:
+
+      freeze()   every link, open or new, stops carrying bytes while all sockets stay open: a stopped server or
+                 a network that drops every packet. New connections are accepted (as a listening socket's
+                 backlog would) and then hear nothing. Bytes already sent are held back, not lost.
+      refuse()   every open link is closed and the port refuses new connections: a server that is down
+      restore()  back to normal: frozen links carry on with every byte they held, a refused port listens again
+    """
+
+    def __init__(self, upstream: Dsn) -> None:
+        self._upstream = upstream
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="outage-proxy", daemon=True)
+        self._server: asyncio.Server | None = None
+        self._flowing = asyncio.Event()  # set: bytes move; cleared: frozen
+        self._flowing.set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    def start(self) -> None:
+        self._thread.start()
+        self._call(self._begin)
+
+    def close(self) -> None:
+        self._call(self._shutdown)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    def url(self, database: Dsn) -> Dsn:
+        """`database` reached through the proxy."""
+        user = database.parts.username or "postgres"
+        return Dsn.parse(f"postgresql://{user}@127.0.0.1:{self.port}/{database.database}")
+
+    def freeze(self) -> None:
+        """Stop every link, open or new, from carrying bytes; every socket stays open."""
+
+        async def freeze() -> None:
+            self._flowing.clear()
+
+        self._call(freeze)
+
+    def refuse(self) -> None:
+        """Close every open link and stop listening, so that connecting is refused."""
+
+        async def refuse() -> None:
+            assert self._server is not None
+            self._server.close()
+            await self._close_links()
+
+        self._call(refuse)
+
+    def restore(self) -> None:
+        """Let frozen links carry on and listen again (on the same port) if connections were refused."""
+
+        async def restore() -> None:
+            assert self._server is not None
+            if not self._server.is_serving():
+                self._server = await asyncio.start_server(self._accept, "127.0.0.1", self.port)
+            self._flowing.set()
+
+        self._call(restore)
+
+    def _call(self, function: Callable[[], Any]) -> Any:
+        return asyncio.run_coroutine_threadsafe(function(), self._loop).result(10)
+
+    async def _begin(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _close_links(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._close_links()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers = [writer]
+        self._writers.add(writer)
+        try:
+            await self._flowing.wait()  # a frozen server does not take new connections in either
+            up_reader, up_writer = await _open_postgres(self._upstream)
+            writers.append(up_writer)
+            self._writers.add(up_writer)
+            await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+        except OSError:
+            pass
+        finally:
+            for each in writers:
+                self._writers.discard(each)
+                each.close()
+
+    async def _pump(self, source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self._flowing.wait()  # held back while frozen, delivered when restored
+                target.write(data)
+                await target.drain()
+            await self._flowing.wait()  # a frozen end does not see the other end close either
+        except OSError:
+            pass
+        target.close()
