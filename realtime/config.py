@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     pool_timeout: float = Field(
         default=5.0,
         gt=0,
-        description="Seconds a request waits for a pool connection or for a new one to open; then 503.",
+        description="Seconds a REST request may spend on the database, from asking for a connection to its commit;"
+        " then 503.",
     )
     statement_timeout_ms: int = Field(
         default=5_000, ge=0, description="statement_timeout of pool connections (0 disables)."
