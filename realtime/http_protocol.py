@@ -157,12 +157,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     # Parser callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if len(self.headers) >= self._limits.max_headers:
-            raise _TooManyHeaders  # httptools stops parsing and raises HttpParserCallbackError from feed_data
-        super().on_header(name, value)
-
     def on_headers_complete(self) -> None:
+        # Counted once the head is complete rather than one by one as they are parsed: the byte bound already
+        # caps how many there can be (a few thousand), and a hook per header would cost every request.
+        if len(self.headers) > self._limits.max_headers:
+            raise _TooManyHeaders  # httptools stops parsing and raises HttpParserCallbackError from feed_data
         self._head_bytes = _IN_BODY
         self._cancel_head_timer()
         super().on_headers_complete()
