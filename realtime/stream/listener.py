@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import asyncpg
 
-from realtime.db import DATABASE_ERRORS
+from realtime.db import DATABASE_ERRORS, describe_failure
 from realtime.dsn import Dsn
 from realtime.stream import changelog
 from realtime.stream.hub import Hub
@@ -106,7 +106,7 @@ class Listener:
 
     def _note_lost(self, error: BaseException) -> None:
         if self.state != "reconnecting":
-            _log.warning("listener connection lost (%s: %s); reconnecting", type(error).__name__, error)
+            _log.warning("listener connection lost (%s); reconnecting", describe_failure(error))
         self.state = "reconnecting"
         self.reconnects += 1
 

@@ -22,7 +22,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from realtime.config import Settings
-from realtime.db import DATABASE_ERRORS
+from realtime.db import DATABASE_ERRORS, bounded_connection
 from realtime.dsn import Dsn
 from realtime.stream import changelog
 from realtime.stream.admission import Admission
@@ -34,6 +34,9 @@ from realtime.stream.reads import ReadSlots
 
 _log = logging.getLogger(__name__)
 _WATCHDOG_INTERVAL_S = 1.0
+# Read budget when STATEMENT_TIMEOUT_MS=0 disables the statement bound; pruning a large changelog may take long.
+_NO_STATEMENT_TIMEOUT_MS = 60_000
+_PRUNE_BUDGET_S = 300.0
 
 
 class StreamPipeline:
@@ -60,16 +63,15 @@ class StreamPipeline:
         self._previous_handlers: dict[int, Any] = {}
 
     @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled asyncpg connection (client-driven reads take it through `reads`, which bounds them)."""
-        async with self._engine.connect() as conn:
+    async def connection(self, seconds: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled asyncpg connection, got, used and given back within `seconds` (default: one read's budget,
+        POOL_TIMEOUT to get it plus a statement's time), so a frozen database frees a read slot in bounded time.
+        Client-driven reads take it through `reads`, which bounds how many run at once."""
+        settings = self.settings
+        budget = seconds or settings.pool_timeout + (settings.statement_timeout_ms or _NO_STATEMENT_TIMEOUT_MS) / 1000
+        async with bounded_connection(self._engine, budget) as conn:
             raw = await conn.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection
-            try:
-                yield driver
-            finally:
-                if driver.is_closed():
-                    await conn.invalidate()  # the pool would otherwise hand the closed connection out again
+            yield raw.driver_connection
 
     async def start(self) -> None:
         self._tasks = [
@@ -130,7 +132,7 @@ class StreamPipeline:
         while True:
             await asyncio.sleep(settings.retention_interval_s)
             try:
-                async with self.connection() as conn:
+                async with self.connection(_PRUNE_BUDGET_S) as conn:
                     deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
             except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
