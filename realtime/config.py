@@ -161,6 +161,40 @@ class Settings(BaseSettings):
     )
     retention_interval_s: float = Field(default=60.0, gt=0, description="Seconds between prune runs.")
 
+    allowed_origins: str = Field(
+        default="",
+        description="Browser origins allowed to open /ws and to call REST cross-origin (comma-separated, e.g."
+        " `https://app.example.com`; `*` for any). Empty: the server's own origin and loopback origins.",
+    )
+    allowed_hosts: str = Field(
+        default="",
+        description="Host header values accepted (comma-separated; `*.example.com` patterns; `*` for any). Empty:"
+        " loopback names when HOST is a loopback address, else any.",
+    )
+
+    auth_mode: Literal["", "none"] = Field(
+        default="",
+        description="`none`: serve without authentication on purpose (needed to serve open on a non-loopback"
+        " HOST). Empty: authentication is on when a key is configured, else open on loopback only.",
+    )
+    auth_jwt_secret: str | None = Field(default=None, description="HS256 secret that signs bearer tokens.")
+    auth_jwks_url: str | None = Field(
+        default=None, description="JWKS URL of the identity provider (RS256/ES256 tokens; keys cached)."
+    )
+    auth_public_key_file: Path | None = Field(
+        default=None, description="PEM public key that verifies RS256/ES256 tokens."
+    )
+    auth_audience: str | None = Field(default=None, description="Required `aud` of tokens, when set.")
+    auth_issuer: str | None = Field(default=None, description="Required `iss` of tokens, when set.")
+    auth_role_claim: str = Field(
+        default="role", description="Claim holding the role; a dotted path such as `app_metadata.role` is allowed."
+    )
+    auth_leeway_s: float = Field(default=30.0, ge=0, le=300, description="Clock skew allowed on `exp`/`nbf`/`iat`.")
+    auth_timeout_s: float = Field(
+        default=10.0, gt=0, description="A WebSocket must authenticate within this time of opening, else 4001."
+    )
+    auth_policy_file: Path | None = Field(default=None, description="TOML file of the row-level policies.")
+
     @field_validator("database_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
@@ -177,6 +211,62 @@ class Settings(BaseSettings):
     def _backoff_is_ordered(self) -> Settings:
         if self.listener_backoff_max_s < self.listener_backoff_initial_s:
             raise ValueError("LISTENER_BACKOFF_MAX_S must be >= LISTENER_BACKOFF_INITIAL_S")
+        return self
+
+    @field_validator("auth_jwt_secret", "auth_jwks_url", "auth_audience", "auth_issuer", mode="before")
+    @classmethod
+    def _blank_auth_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("auth_public_key_file", mode="before")
+    @classmethod
+    def _blank_key_file_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("auth_jwt_secret")
+    @classmethod
+    def _secret_is_long_enough(cls, value: str | None) -> str | None:
+        # RFC 7518 3.2: an HS256 key must be at least as long as the hash (256 bits).
+        if value is not None and len(value.encode()) < 32:
+            raise ValueError("must be at least 32 bytes (HS256 needs a 256-bit key), e.g. `openssl rand -hex 32`")
+        return value
+
+    @field_validator("auth_jwks_url")
+    @classmethod
+    def _jwks_url_is_http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("https://", "http://")):
+            raise ValueError("must be an https:// (or http://) URL")
+        return value
+
+    @field_validator("auth_role_claim")
+    @classmethod
+    def _role_claim_is_a_path(cls, value: str) -> str:
+        if not value or any(not part for part in value.split(".")):
+            raise ValueError("must be a claim name or a dotted path such as `app_metadata.role`")
+        return value
+
+    @property
+    def auth_key_sources(self) -> list[str]:
+        """The token key settings that are set (at most one, see `_one_auth_key_source`)."""
+        sources = {
+            "AUTH_JWT_SECRET": self.auth_jwt_secret,
+            "AUTH_JWKS_URL": self.auth_jwks_url,
+            "AUTH_PUBLIC_KEY_FILE": self.auth_public_key_file,
+        }
+        return [name for name, value in sources.items() if value is not None]
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether requests must carry a bearer token: exactly when a key to verify tokens is configured."""
+        return bool(self.auth_key_sources)
+
+    @model_validator(mode="after")
+    def _one_auth_key_source(self) -> Settings:
+        sources = self.auth_key_sources
+        if len(sources) > 1:
+            raise ValueError(f"set only one of {', '.join(sources)}: each is a different way to verify tokens")
+        if sources and self.auth_mode == "none":
+            raise ValueError(f"AUTH_MODE=none (serve open) contradicts {sources[0]} (verify tokens); unset one")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,1 @@
+"""Authentication: bearer tokens verified once per request or connection (see tokens.py)."""
