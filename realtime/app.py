@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import Receive, Scope, Send
 
 from realtime import __version__, health
+from realtime.auth.tokens import TokenVerifier
 from realtime.config import Settings, get_settings
 from realtime.db import autocommit, create_engine
 from realtime.dsn import Dsn
@@ -42,6 +43,8 @@ class State(TypedDict):
     engine: AsyncEngine
     read_engine: AsyncEngine
     stream: StreamPipeline
+    # The bearer-token verifier of REST and /ws alike; None when no token key is configured (open mode).
+    auth: TokenVerifier | None
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -49,6 +52,7 @@ def create_app(settings: Settings) -> FastAPI:
     if settings.database_url is None:
         raise ValueError("create_app needs settings.database_url; `realtime serve` sets it for embedded mode")
     url = Dsn.parse(str(settings.database_url))
+    verifier = TokenVerifier.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
@@ -64,6 +68,7 @@ def create_app(settings: Settings) -> FastAPI:
                     engine=engine,
                     read_engine=autocommit(engine),
                     stream=stream,
+                    auth=verifier,
                 )
             finally:
                 await stream.stop()

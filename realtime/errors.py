@@ -58,6 +58,22 @@ class ProblemError(Exception):
         self.headers = headers or {}
 
 
+class Unauthorized(ProblemError):
+    """No bearer token, or one that proves no identity; the detail says which (RFC 6750 3.1)."""
+
+    status, slug, title = 401, "unauthorized", "Unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": bearer_challenge(detail)})
+
+
+def bearer_challenge(description: str) -> str:
+    """The `WWW-Authenticate` value of a 401: the token is missing or invalid, and why."""
+    # A quoted-string cannot carry a double quote or a backslash, nor anything outside printable ASCII.
+    safe = "".join(c for c in description if " " <= c <= "~" and c not in '"\\')
+    return f'Bearer error="invalid_token", error_description="{safe}"'
+
+
 class NotFound(ProblemError):
     status, slug, title = 404, "not-found", "Not found"
 

@@ -4,14 +4,33 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Path, Query, Response, status
 
+from realtime.auth.dependencies import authenticate
 from realtime.db import ReadConnectionDep, TransactionDep
 from realtime.errors import PROBLEM_JSON, RETRY_AFTER_S, Problem
 from realtime.users import service
 from realtime.users.schemas import MAX_ID, User, UserCreate, UserPage, UserUpdate
 
-router = APIRouter(prefix="/users", tags=["users"])
+# `model` registers the Problem schema (FastAPI files it under application/json); the body is actually
+# served as application/problem+json, so that media type gets the schema too.
+_PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+_UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": Problem,
+        "content": _PROBLEM_CONTENT,
+        "description": "No bearer token, or an invalid one (when the server has a token key configured).",
+        "headers": {
+            "WWW-Authenticate": {
+                "description": '`Bearer error="invalid_token", error_description="..."`',
+                "schema": {"type": "string"},
+            }
+        },
+    }
+}
+
+# Every route of the resource is behind the bearer token: decided here once, not route by route.
+router = APIRouter(prefix="/users", tags=["users"], dependencies=[Depends(authenticate)], responses=_UNAUTHORIZED)
 
 UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="The user's id.")]
 IfMatch = Annotated[
@@ -22,9 +41,7 @@ IfMatch = Annotated[
 
 def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The problem responses of a route, plus 503: every route needs the database (see errors._on_database)."""
-    # `model` registers the Problem schema (FastAPI files it under application/json); the body is actually
-    # served as application/problem+json, so that media type gets the schema too.
-    content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    content = _PROBLEM_CONTENT
     responses: dict[int | str, dict[str, Any]] = {code: {"model": Problem, "content": content} for code in codes}
     responses[503] = {"model": Problem, "content": content, "headers": _RETRY_AFTER}
     return responses
