@@ -71,8 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.migrate_on_start:
             migrate.upgrade(url)
             _log.info("migrations applied")
-        # Workers read their settings from the environment; this makes them use the database resolved here.
+        # Workers read their settings from the environment; this makes them use the database resolved here, and
+        # the interface bound here (the default ALLOWED_HOSTS depends on it).
         os.environ["DATABASE_URL"] = url.libpq()
+        os.environ["HOST"] = settings.host
         get_settings.cache_clear()
         uvicorn.run(
             "realtime.app:create_app_from_env",
