@@ -13,12 +13,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime import __version__, health
 from realtime.auth.tokens import TokenVerifier
@@ -27,6 +27,7 @@ from realtime.db import autocommit, create_engine
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
+from realtime.origins import DemoPagePolicy, Guard, HttpGuard
 from realtime.stream.endpoint import stream
 from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
@@ -45,6 +46,7 @@ class State(TypedDict):
     stream: StreamPipeline
     # The bearer-token verifier of REST and /ws alike; None when no token key is configured (open mode).
     auth: TokenVerifier | None
+    guard: Guard
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -53,6 +55,7 @@ def create_app(settings: Settings) -> FastAPI:
         raise ValueError("create_app needs settings.database_url; `realtime serve` sets it for embedded mode")
     url = Dsn.parse(str(settings.database_url))
     verifier = TokenVerifier.from_settings(settings)
+    guard = Guard.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
@@ -69,6 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
                     read_engine=autocommit(engine),
                     stream=stream,
                     auth=verifier,
+                    guard=guard,
                 )
             finally:
                 await stream.stop()
@@ -76,6 +80,7 @@ def create_app(settings: Settings) -> FastAPI:
             await engine.dispose()
 
     app = RealtimeApp(
+        guard,
         title="realtime",
         version=__version__,
         summary="REST CRUD for users and live change streams over WebSocket (/ws).",
@@ -86,7 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(health.router)
     app.include_router(users_router)
     if WEB_DEMO.is_dir():
-        app.mount("/", StaticFiles(directory=WEB_DEMO, html=True), name="web_demo")
+        app.mount("/", DemoPagePolicy(StaticFiles(directory=WEB_DEMO, html=True)), name="web_demo")
     return app
 
 
@@ -97,7 +102,17 @@ class RealtimeApp(FastAPI):
     twenty frames (error and exception middleware, body limits, the router, the route's wrappers): 9 KB per
     idle connection, a third of its memory, spent on layers that have nothing to do for a WebSocket. Any
     other WebSocket path still goes through the router, which refuses it.
+
+    Every HTTP response passes through `HttpGuard` first, outside even the server-error middleware, so a 500
+    carries the security headers too; `/ws` applies the same `Guard` itself (see `stream`).
     """
+
+    def __init__(self, guard: Guard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.guard = guard
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return HttpGuard(super().build_middleware_stack(), self.guard)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + STREAM_PATH:

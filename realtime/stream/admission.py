@@ -24,16 +24,16 @@ class Refusal:
     slug: str
     title: str
     detail: str
+    retry_after_s: int | None = RETRY_AFTER_S  # None: retrying will not help (a refused Host or Origin)
 
     def asgi_messages(self) -> tuple[dict[str, object], dict[str, object]]:
         """The `websocket.http.response` messages that answer the upgrade with problem+json."""
         body = orjson.dumps(
             {"type": problem_type(self.slug), "title": self.title, "status": self.status, "detail": self.detail}
         )
-        headers = [
-            (b"content-type", PROBLEM_JSON.encode()),
-            (b"retry-after", str(RETRY_AFTER_S).encode()),
-        ]
+        headers = [(b"content-type", PROBLEM_JSON.encode())]
+        if self.retry_after_s is not None:
+            headers.append((b"retry-after", str(self.retry_after_s).encode()))
         start = {"type": "websocket.http.response.start", "status": self.status, "headers": headers}
         return start, {"type": "websocket.http.response.body", "body": body}
 

@@ -1,7 +1,8 @@
 """The WebSocket endpoint `/ws`: client frames are read and handled on the server's own task for the connection.
 
 Lifecycle of a connection:
-    admission   an upgrade past WS_MAX_CONNECTIONS (503) or WS_MAX_CONNECTIONS_PER_CLIENT (429) is answered
+    admission   an upgrade with a Host or Origin the Guard does not allow is refused (400, 403; realtime/origins.py);
+                one past WS_MAX_CONNECTIONS (503) or WS_MAX_CONNECTIONS_PER_CLIENT (429) is answered
                 over HTTP and never becomes a WebSocket
     accept      an outbox is created and attached to the hub (so shutdown can close it)
     reading     each client frame is rate-checked, parsed and handled in order; a bad frame gets an `error` frame
@@ -68,8 +69,11 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     settings = pipeline.settings
     if (await receive())["type"] != "websocket.connect":
         return  # the client left before the handshake completed
+    # A foreign Host (DNS rebinding) or a foreign page's Origin is refused before anything is counted.
+    refusal = scope["state"]["guard"].refusal(scope["headers"])
     client = scope["client"][0] if scope.get("client") else ""
-    refusal = pipeline.admission.enter(client)
+    if refusal is None:
+        refusal = pipeline.admission.enter(client)
     if refusal is not None:
         start, body = refusal.asgi_messages()
         await send(start)
