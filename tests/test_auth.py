@@ -3,19 +3,24 @@ not prove an identity, say why, and serve what does; connections re-authenticate
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import jwt
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from realtime.dsn import Dsn
 from realtime.errors import PROBLEM_JSON
 from tests.support.server import ServerProcess, running_server
+from tests.support.tables import committed_changes, create_streamed_table
+from tests.support.ws import Frame, StreamClient
 
 SECRET = "test-secret-" + "s" * 40
 OTHER_SECRET = "other-secret-" + "o" * 40
@@ -114,3 +119,169 @@ async def test_probes_demo_page_and_openapi_stay_anonymous(client: httpx.AsyncCl
         for method, operation in operations.items():
             if "users" in operation.get("tags", []):
                 assert "401" in operation["responses"], method
+
+
+# --- WebSocket ------------------------------------------------------------------------------------------------
+
+
+async def authenticated(url: str, token: str) -> StreamClient:
+    client = await StreamClient.open(url)
+    reply = await client.request({"type": "auth", "token": token})
+    assert reply["type"] == "authenticated", reply
+    return client
+
+
+async def frames_until_closed(client: StreamClient, timeout: float) -> tuple[list[Frame], int, str]:
+    """Every frame until the server closes the connection, and the close code and reason."""
+    frames: list[Frame] = []
+    with pytest.raises(ConnectionClosed) as closed:
+        await _collect(client, frames, timeout)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return frames, closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+async def _collect(client: StreamClient, frames: list[Frame], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while True:
+            frames.append(await client.recv(timeout))
+
+
+async def test_ws_frames_before_auth_are_unauthorized_then_the_deadline_closes_4001(secured: ServerProcess) -> None:
+    """Before `auth` every frame gets `unauthorized` (the connection stays open); no auth in time closes 4001."""
+    client = await StreamClient.open(secured.ws_url)
+    try:
+        for frame in ({"type": "ping"}, {"type": "subscribe", "id": "s1", "table": "users"}):
+            error = await client.request(frame)
+            assert (error["type"], error["code"]) == ("error", "unauthorized"), error
+        assert error["id"] == "s1"
+        frames, code, reason = await frames_until_closed(client, timeout=10)
+        assert frames == []
+        assert code == 4001
+        assert reason.startswith("authentication required")
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_TOKENS))
+async def test_ws_refuses_a_bad_token_saying_why(secured: ServerProcess, kind: str) -> None:
+    """An `auth` frame with a bad token gets `unauthorized` with a precise message; a good one then works."""
+    token, message = BAD_TOKENS[kind]
+    client = await StreamClient.open(secured.ws_url)
+    try:
+        error = await client.request({"type": "auth", "token": token()})
+        assert (error["type"], error["code"]) == ("error", "unauthorized"), error
+        assert message in error["message"]
+        assert (await client.request({"type": "auth", "token": make_token()}))["type"] == "authenticated"
+    finally:
+        await client.close()
+
+
+async def test_ws_valid_token_authenticates_and_streams(secured: ServerProcess, db: asyncpg.Connection) -> None:
+    """A valid `auth` is answered `authenticated` (sub, role, exp); the client then subscribes and gets changes."""
+    table = await create_streamed_table(db)
+    token = make_token(sub="42", role="admin")
+    client = await StreamClient.open(secured.ws_url)
+    try:
+        reply = await client.request({"type": "auth", "token": token})
+        assert reply == {
+            "type": "authenticated",
+            "ref": reply["ref"],
+            "sub": "42",
+            "role": "admin",
+            "exp": jwt.decode(token, options={"verify_signature": False})["exp"],
+        }
+        await client.subscribe("s1", table)
+        await db.execute(f"INSERT INTO {table} (k) VALUES (1)")
+        [change] = await client.changes(1)
+        assert (change["op"], change["row"]["k"]) == ("INSERT", 1)
+    finally:
+        await client.close()
+
+
+async def test_ws_refresh_with_the_same_sub_keeps_subscriptions_without_a_gap(
+    secured: ServerProcess, db: asyncpg.Connection
+) -> None:
+    """A later `auth` for the same sub moves exp on; changes committed around it all arrive, once each, in order."""
+    table = await create_streamed_table(db)
+    client = await authenticated(secured.ws_url, make_token(ttl=60))
+    try:
+        await client.subscribe("s1", table)
+        fresh = make_token(ttl=3600)
+
+        async def write(count: int) -> None:
+            for k in range(count):
+                await db.execute(f"INSERT INTO {table} (k) VALUES ($1)", k)
+
+        writing = asyncio.create_task(write(20))
+        await client.send({"type": "auth", "ref": "refresh", "token": fresh})
+        await writing
+        await write(5)
+        frames = await _frames(client, lambda frames: sum(f["type"] == "change" for f in frames) == 25)
+        [reply] = [f for f in frames if f.get("ref") == "refresh"]
+        assert reply["type"] == "authenticated"
+        assert reply["exp"] == jwt.decode(fresh, options={"verify_signature": False})["exp"]
+        seqs = [f["seq"] for f in frames if f["type"] == "change"]
+        assert seqs == [change["seq"] for change in await committed_changes(db, table)]
+    finally:
+        await client.close()
+
+
+async def _frames(client: StreamClient, done: Any, timeout: float = 10) -> list[Frame]:
+    frames: list[Frame] = []
+    async with asyncio.timeout(timeout):
+        while not done(frames):
+            frames.append(await client.recv(timeout))
+    return frames
+
+
+async def test_ws_auth_for_another_sub_is_forbidden(secured: ServerProcess) -> None:
+    """An `auth` frame for a different sub gets `forbidden`; the connection keeps its identity and works."""
+    client = await authenticated(secured.ws_url, make_token(sub="1"))
+    try:
+        error = await client.request({"type": "auth", "token": make_token(sub="2")})
+        assert (error["type"], error["code"]) == ("error", "forbidden"), error
+        assert (await client.request({"type": "ping"}))["type"] == "pong"
+        refreshed = await client.request({"type": "auth", "token": make_token(sub="1")})
+        assert (refreshed["type"], refreshed["sub"]) == ("authenticated", "1")
+    finally:
+        await client.close()
+
+
+async def test_ws_expiry_closes_4001_with_last_seq_and_a_reconnect_loses_nothing(
+    secured: ServerProcess, db: asyncpg.Connection
+) -> None:
+    """At exp the server closes 4001 `token expired; last_seq=N`; a new token and `since` N resume with no loss."""
+    table = await create_streamed_table(db)
+    client = await authenticated(secured.ws_url, make_token(ttl=3))
+    try:
+        await client.subscribe("s1", table)
+        await db.execute(f"INSERT INTO {table} (k) VALUES (1)")
+        frames, code, reason = await frames_until_closed(client, timeout=10)
+    finally:
+        await client.close()
+    [change] = [f for f in frames if f["type"] == "change"]
+    assert code == 4001
+    assert reason == f"token expired; last_seq={change['seq']}"
+    await db.execute(f"INSERT INTO {table} (k) VALUES (2), (3)")  # committed while disconnected
+
+    again = await authenticated(secured.ws_url, make_token())
+    try:
+        _, replayed = await again.subscribe("s1", table, since=change["seq"])
+        await db.execute(f"INSERT INTO {table} (k) VALUES (4)")
+        [live] = await again.changes(1)
+    finally:
+        await again.close()
+    received = [change, *replayed, live]
+    assert [f["row"]["k"] for f in received] == [1, 2, 3, 4]
+    assert [f["seq"] for f in received] == [c["seq"] for c in await committed_changes(db, table)]
+
+
+async def test_ws_open_mode_accepts_auth_without_an_identity(server: ServerProcess) -> None:
+    """With no token key, `auth` is answered `authenticated` with null sub, role and exp, and nothing else changes."""
+    client = await StreamClient.open(server.ws_url)
+    try:
+        reply = await client.request({"type": "auth", "token": "anything"})
+        assert reply == {"type": "authenticated", "ref": reply["ref"], "sub": None, "role": None, "exp": None}
+        assert (await client.request({"type": "ping"}))["type"] == "pong"
+    finally:
+        await client.close()

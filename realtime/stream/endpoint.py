@@ -10,30 +10,39 @@ Lifecycle of a connection:
                 while the hub buffers live changes for the new subscription, then turns it live with no gap.
                 While history is read and sent, the next client message is already awaited: a disconnect
                 cancels the history work at once, and whatever it held is released
-    closing     the client disconnects, or the outbox closes (4008 too slow, 1008 rate abuse, 1012 restarting)
-                and the peer answers the close: every subscription is removed from the hub
+    closing     the client disconnects, or the outbox closes (4008 too slow, 1008 rate abuse, 1012 restarting,
+                4001 not authenticated in time or token expired) and the peer answers the close: every
+                subscription is removed from the hub
+
+Authentication (with a token key configured): until an `auth` frame carries a valid token, every other frame
+gets `unauthorized`; a timer (the loop's, not a task) closes the connection with 4001 at AUTH_TIMEOUT_S. Once
+authenticated, a timer closes it with 4001 when the token expires (plus AUTH_LEEWAY_S), unless a later `auth`
+frame for the same `sub` has moved that time on. Tokens are verified by the same TokenVerifier as REST.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from realtime.auth.tokens import Identity, KeysUnavailable, TokenError, TokenVerifier
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
 from realtime.stream.changelog import CursorExpired, SnapshotTooLarge, StreamedTable
 from realtime.stream.filters import Condition, compile_filter
 from realtime.stream.hub import Subscription
-from realtime.stream.outbox import Outbox
+from realtime.stream.outbox import CLOSE_UNAUTHENTICATED, Outbox
 from realtime.stream.pipeline import StreamPipeline
 from realtime.stream.protocol import (
     MAX_ID_LENGTH,
     MAX_REF_LENGTH,
+    Auth,
     Ping,
     ProtocolError,
     Ref,
@@ -92,7 +101,7 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             max_bytes=settings.ws_queue_bytes,
             send_timeout=settings.ws_send_timeout_s,
         )
-        session = ClientSession(pipeline, outbox, receive)
+        session = ClientSession(pipeline, outbox, receive, scope["state"]["auth"])
         pipeline.hub.attach(outbox)
         try:
             # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
@@ -136,7 +145,9 @@ def _filter_values(conditions: tuple[Condition, ...]) -> int:
 class ClientSession:
     """The subscriptions of one connection and the handling of its client frames."""
 
-    def __init__(self, pipeline: StreamPipeline, outbox: Outbox, receive: Receive) -> None:
+    def __init__(
+        self, pipeline: StreamPipeline, outbox: Outbox, receive: Receive, verifier: TokenVerifier | None
+    ) -> None:
         self._pipeline = pipeline
         self._outbox = outbox
         self._receive = receive
@@ -147,6 +158,12 @@ class ClientSession:
         self._refused = 0  # frames refused as rate_limited since the client last kept to the rate
         # The next client message, already awaited while a subscribe reads history (see _watching_peer).
         self._reading: asyncio.Task[Any] | None = None
+        self._verifier = verifier
+        self._identity: Identity | None = None
+        # The authentication deadline, then the token's expiry: one loop timer, never a task per connection.
+        self._auth_timer: asyncio.TimerHandle | None = None
+        if verifier is not None:
+            self._close_at(time.time() + settings.auth_timeout_s, "authentication required")
 
     async def _next_message(self) -> Any:
         if self._reading is not None:
@@ -183,7 +200,16 @@ class ClientSession:
                 if len(text) > max_bytes or (len(text) * 4 > max_bytes and len(text.encode()) > max_bytes):
                     raise ProtocolError("frame_too_large", f"frames are limited to {max_bytes} bytes")
                 request = parse_client_message(text)
-                if isinstance(request, Subscribe) and (request.snapshot or request.since is not None):
+                if isinstance(request, Auth):
+                    await self._authenticate(request)
+                elif self._verifier is not None and self._identity is None:
+                    raise ProtocolError(
+                        "unauthorized",
+                        'authenticate first: send {"type": "auth", "token": "<JWT>"}',
+                        ref=request.ref,
+                        sub_id=None if isinstance(request, Ping) else request.id,
+                    )
+                elif isinstance(request, Subscribe) and (request.snapshot or request.since is not None):
                     await self._watching_peer(self._subscribe(request))
                 else:
                     await self._handle(request)
@@ -192,6 +218,45 @@ class ClientSession:
                     error.code, error.message, ref=error.ref, sub_id=error.sub_id, retry_after_ms=error.retry_after_ms
                 )
                 await self._outbox.put(encode_text_frame(frame))
+
+    async def _authenticate(self, request: Auth) -> None:
+        """Take the identity of the token, or refresh it: same `sub` only, subscriptions untouched."""
+        verifier = self._verifier
+        if verifier is None:
+            # Open mode: there is no key to verify against, and nothing needs an identity. Accepting the frame
+            # lets one client work against both modes.
+            reply = reply_frame("authenticated", request.ref, sub=None, role=None, exp=None)
+            await self._outbox.put(encode_text_frame(reply))
+            return
+        try:
+            identity = await verifier.verify(request.token)
+        except TokenError as error:
+            raise ProtocolError("unauthorized", str(error), ref=request.ref) from None
+        except KeysUnavailable as error:
+            raise ProtocolError(
+                "unavailable", f"{error}; retry shortly", ref=request.ref, retry_after_ms=RETRY_AFTER_DATABASE_MS
+            ) from None
+        current = self._identity
+        if current is not None and identity.sub != current.sub:
+            raise ProtocolError(
+                "forbidden",
+                f"this connection is authenticated as sub {current.sub!r}; another subject needs its own connection",
+                ref=request.ref,
+            )
+        if self._outbox.closed:
+            return  # the deadline or the old token's expiry came while this token was verified
+        self._identity = identity
+        self._close_at(identity.exp + verifier.leeway_s, "token expired")
+        reply = reply_frame("authenticated", request.ref, sub=identity.sub, role=identity.role, exp=identity.exp)
+        await self._outbox.put(encode_text_frame(reply))
+
+    def _close_at(self, wall_time: float, why: str) -> None:
+        """Close the connection with 4001 at `wall_time` (seconds since the epoch), replacing any earlier timer."""
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        loop = asyncio.get_running_loop()
+        when = loop.time() + max(0.0, wall_time - time.time())
+        self._auth_timer = loop.call_at(when, self._outbox.close, CLOSE_UNAUTHENTICATED, why)
 
     async def _watching_peer(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` (a subscribe that reads history) while already awaiting the client's next message.
@@ -354,3 +419,6 @@ class ClientSession:
         if self._reading is not None:
             self._reading.cancel()
             self._reading = None
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+            self._auth_timer = None

@@ -29,6 +29,7 @@ from realtime.stream.wire import Sink
 _log = logging.getLogger(__name__)
 
 CLOSE_TOO_SLOW = 4008
+CLOSE_UNAUTHENTICATED = 4001  # no valid `auth` within AUTH_TIMEOUT_S, or the token expired
 CLOSE_RESTARTING = 1012
 
 SendFn = Callable[[dict[str, Any]], Awaitable[None]]

@@ -6,7 +6,7 @@ docs/protocol.md is the contract; every rule enforced here is stated there. Pars
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -19,6 +19,8 @@ MAX_ID_LENGTH = 64
 MAX_REF_LENGTH = 128
 MAX_FILTER_CONDITIONS = 20
 MAX_SEQ = 2**63 - 1
+# A bearer token in an `auth` frame; identity providers' tokens are 1-2 KiB.
+MAX_TOKEN_LENGTH = 8192
 
 Ref = str | int | float | bool | None
 
@@ -65,12 +67,19 @@ class Ping:
     ref: Ref
 
 
-ClientMessage = Subscribe | Unsubscribe | Ping
+@dataclass(frozen=True, slots=True)
+class Auth:
+    ref: Ref
+    token: str = field(repr=False)
+
+
+ClientMessage = Auth | Subscribe | Unsubscribe | Ping
 
 _ALLOWED_FIELDS = {
     "subscribe": {"type", "ref", "id", "table", "events", "filter", "since", "snapshot"},
     "unsubscribe": {"type", "ref", "id"},
     "ping": {"type", "ref"},
+    "auth": {"type", "ref", "token"},
 }
 
 
@@ -92,12 +101,19 @@ def parse_client_message(text: str) -> ClientMessage:
         raise ProtocolError("bad_message", "frame needs a string field 'type'", ref=ref)
     allowed = _ALLOWED_FIELDS.get(kind)
     if allowed is None:
-        raise ProtocolError("unknown_type", f"unknown type {kind!r}; use subscribe, unsubscribe or ping", ref=ref)
+        raise ProtocolError("unknown_type", f"unknown type {kind!r}; use auth, subscribe, unsubscribe or ping", ref=ref)
     unknown = sorted(set(message) - allowed)
     if unknown:
         raise ProtocolError("bad_message", f"unknown field(s) for {kind}: {', '.join(unknown)}", ref=ref)
     if kind == "ping":
         return Ping(ref)
+    if kind == "auth":
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            raise ProtocolError("bad_message", "'token' must be a non-empty string (a JWT)", ref=ref)
+        if len(token) > MAX_TOKEN_LENGTH:
+            raise ProtocolError("bad_message", f"'token' is limited to {MAX_TOKEN_LENGTH} characters", ref=ref)
+        return Auth(ref, token)
     sub_id = _sub_id(message, ref)
     if kind == "unsubscribe":
         return Unsubscribe(ref, sub_id)
