@@ -50,6 +50,11 @@ COPY alembic.ini pyproject.toml ./
 USER realtime
 EXPOSE 8000
 
+# Binding 0.0.0.0 makes the default ALLOWED_HOSTS "any name". Set it to the names clients use, e.g.
+# `-e ALLOWED_HOSTS=realtime.example.com`, and ALLOWED_ORIGINS to any front-end served from another origin, e.g.
+# `-e ALLOWED_ORIGINS=https://app.example.com` (docs/security.md). The HEALTHCHECK below asks 127.0.0.1, a
+# loopback name, which is always allowed.
+
 # slim has no curl: probe liveness with the interpreter that is there anyway.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen(f\"http://127.0.0.1:{os.environ.get('PORT', '8000')}/healthz\", timeout=2)"]
