@@ -34,6 +34,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PORT=8000 \
     EMBEDDED_DATA_DIR=/data/pgdata
 
+# HOST=0.0.0.0 is reachable from outside the container, so `realtime serve` refuses to start without
+# authentication: pass a token key (`-e AUTH_JWT_SECRET=...`, or AUTH_JWKS_URL / AUTH_PUBLIC_KEY_FILE), or
+# `-e AUTH_MODE=none` to serve open on purpose (whoever reaches the port can read and change every streamed table).
 RUN groupadd --system --gid 10001 realtime \
     && useradd --system --uid 10001 --gid realtime --home-dir /app --no-create-home --shell /usr/sbin/nologin realtime \
     && mkdir /data \

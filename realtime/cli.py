@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ipaddress
+import json
 import logging
 import os
 import signal
@@ -21,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from realtime import migrate
+from realtime.auth.tokens import TokenVerifier, issue_token
 from realtime.config import Settings, get_settings
 from realtime.dsn import Dsn
 from realtime.embedded import start_embedded
@@ -67,6 +70,10 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = get_settings().model_copy(update=overrides)
     _configure_logging(settings.log_level)
+    refusal = _authentication_refusal(settings)
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     with database(settings) as url:
         if settings.migrate_on_start:
             migrate.upgrade(url)
@@ -99,6 +106,82 @@ def _serve(args: argparse.Namespace) -> int:
             forwarded_allow_ips=settings.forwarded_allow_ips,
         )
     return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name other than localhost may resolve to anything
+        return False
+
+
+def _authentication_refusal(settings: Settings) -> str | None:
+    """Why `serve` must not start with these settings, or None; logs how it will authenticate.
+
+    Serving open is today's behaviour on loopback; on an address other machines can reach it must be asked for
+    with AUTH_MODE=none, so that forgetting the token key never publishes every streamed table.
+    """
+    try:
+        verifier = TokenVerifier.from_settings(settings)
+    except (OSError, ValueError) as error:
+        return f"realtime: cannot verify tokens: {error}"
+    if settings.auth_policy_file is not None:
+        _log.warning("AUTH_POLICY_FILE is not read yet: any valid token may read and change everything")
+    if verifier is not None:
+        _log.info("bearer tokens required on /users and /ws (%s)", settings.auth_key_sources[0])
+        return None
+    if _is_loopback(settings.host):
+        return None
+    if settings.auth_mode == "none":
+        _log.warning(
+            "serving WITHOUT authentication on %s (AUTH_MODE=none): anyone who can reach it can read and change"
+            " every streamed table",
+            settings.host,
+        )
+        return None
+    return (
+        f"realtime: refusing to serve without authentication on {settings.host}, an address other machines can"
+        " reach.\n"
+        "  Set AUTH_JWT_SECRET, AUTH_JWKS_URL or AUTH_PUBLIC_KEY_FILE to require bearer tokens (docs/security.md),\n"
+        "  or AUTH_MODE=none to serve open on purpose (e.g. behind a gateway that authenticates),\n"
+        "  or bind a loopback address (--host 127.0.0.1)."
+    )
+
+
+def _token(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    if settings.auth_jwt_secret is None:
+        print(
+            "realtime token: AUTH_JWT_SECRET is not set, so there is no key to sign with. (With AUTH_JWKS_URL or"
+            " AUTH_PUBLIC_KEY_FILE, tokens come from your identity provider.)",
+            file=sys.stderr,
+        )
+        return 2
+    claims: dict[str, object] = {}
+    for item in args.claim:
+        path, separator, text = item.partition("=")
+        if not separator or not path:
+            print(f"realtime token: --claim takes NAME=VALUE, not {item!r}", file=sys.stderr)
+            return 2
+        try:
+            claims[path] = json.loads(text)  # numbers, booleans, lists and objects as JSON
+        except ValueError:
+            claims[path] = text
+    try:
+        print(issue_token(settings, sub=args.sub, role=args.role, ttl_s=args.ttl, claims=claims))
+    except ValueError as error:
+        print(f"realtime token: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -216,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("table", help="table name, optionally schema-qualified (it must have a primary key)")
     stream_actions.add_parser("list", help="print the streamed tables")
     stream.set_defaults(handler=_stream)
+
+    token = commands.add_parser("token", help="print a bearer token signed with AUTH_JWT_SECRET (for tests, tools)")
+    token.add_argument("--sub", required=True, help="the subject (user id) the token names")
+    token.add_argument("--role", help="the role, put where AUTH_ROLE_CLAIM points (default claim: role)")
+    token.add_argument("--ttl", type=_positive, default=3600, help="seconds until it expires (default: 3600)")
+    token.add_argument(
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra claim (dotted NAME for nested ones; VALUE as JSON when it parses, else a string); repeatable",
+    )
+    token.set_defaults(handler=_token)
     return parser
 
 

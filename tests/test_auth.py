@@ -4,6 +4,9 @@ not prove an identity, say why, and serve what does; connections re-authenticate
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from realtime.dsn import Dsn
 from realtime.errors import PROBLEM_JSON
-from tests.support.server import ServerProcess, running_server
+from tests.support.server import ServerProcess, free_port, running_server
 from tests.support.tables import committed_changes, create_streamed_table
 from tests.support.ws import Frame, StreamClient
 
@@ -285,3 +288,84 @@ async def test_ws_open_mode_accepts_auth_without_an_identity(server: ServerProce
         assert (await client.request({"type": "ping"}))["type"] == "pong"
     finally:
         await client.close()
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+
+
+def cli_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    """The test's environment without any AUTH_* setting, plus `env`."""
+    base = {name: value for name, value in os.environ.items() if not name.startswith("AUTH_")}
+    return {**base, "LOG_LEVEL": "info", "MIGRATE_ON_START": "false", **env}
+
+
+def run_cli(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "realtime", *args],
+        env=cli_env(tmp_path, **env),
+        cwd=tmp_path,  # away from any .env file of the checkout
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_serve_refuses_to_run_open_on_a_public_address(database_url: Dsn, tmp_path: Path) -> None:
+    """`serve --host 0.0.0.0` with no token key and no AUTH_MODE=none exits 2 with the reason, before binding."""
+    port = free_port()
+    result = await asyncio.to_thread(
+        run_cli, tmp_path, "serve", "--host", "0.0.0.0", "--port", str(port), DATABASE_URL=database_url.libpq()
+    )
+    assert result.returncode == 2, result.stderr
+    assert "refusing to serve without authentication on 0.0.0.0" in result.stderr
+    assert "AUTH_MODE=none" in result.stderr
+    assert "Uvicorn running" not in result.stderr
+
+
+def _start_on_all_interfaces(database_url: Dsn, tmp_path: Path, **env: str) -> ServerProcess:
+    """`realtime serve --host 0.0.0.0` on a free port (ServerProcess itself binds loopback only)."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "realtime", "serve", "--host", "0.0.0.0", "--port", str(port)]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command,
+            env=cli_env(tmp_path, DATABASE_URL=database_url.libpq(), **env),
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return ServerProcess(database=database_url, log_path=log_path, port=port, process=process)
+
+
+async def test_serve_runs_open_on_a_public_address_only_with_auth_mode_none(database_url: Dsn, tmp_path: Path) -> None:
+    """With AUTH_MODE=none `serve --host 0.0.0.0` starts, logs a warning, and serves /users without a token."""
+    server = await asyncio.to_thread(_start_on_all_interfaces, database_url, tmp_path, AUTH_MODE="none")
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http:
+            assert (await http.get("/users")).status_code == 200
+        assert "serving WITHOUT authentication on 0.0.0.0 (AUTH_MODE=none)" in server.log_text()
+    finally:
+        await asyncio.to_thread(server.terminate)
+
+
+async def test_token_command_prints_a_token_the_server_accepts(secured: ServerProcess, tmp_path: Path) -> None:
+    """`realtime token --sub 7 --role admin` signs with AUTH_JWT_SECRET a token REST and /ws accept as sub 7."""
+    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE}
+    result = await asyncio.to_thread(
+        run_cli, tmp_path, "token", "--sub", "7", "--role", "admin", "--ttl", "600", "--claim", "team=blue", **env
+    )
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert (claims["sub"], claims["role"], claims["team"]) == ("7", "admin", "blue")
+    assert claims["exp"] - claims["iat"] == 600
+    async with httpx.AsyncClient(base_url=secured.base_url, timeout=10.0) as http:
+        assert (await http.get("/users", headers=bearer(token))).status_code == 200
+    client = await authenticated(secured.ws_url, token)
+    await client.close()
+
+    refused = await asyncio.to_thread(run_cli, tmp_path, "token", "--sub", "7")
+    assert refused.returncode == 2
+    assert "AUTH_JWT_SECRET is not set" in refused.stderr

@@ -239,3 +239,23 @@ def set_claim(claims: dict[str, Any], path: str, value: Any) -> None:
             raise ValueError(f"claim {part!r} is not an object, so {path!r} cannot be set")
         target = child
     target[last] = value
+
+
+def issue_token(settings: Settings, *, sub: str, role: str | None, ttl_s: int, claims: Mapping[str, Any]) -> str:
+    """An HS256 token signed with AUTH_JWT_SECRET that this server accepts (for `realtime token`).
+
+    `role` goes where AUTH_ROLE_CLAIM points; `claims` maps dotted paths to values and may override anything.
+    """
+    if settings.auth_jwt_secret is None:
+        raise ValueError("AUTH_JWT_SECRET is not set")
+    now = int(time.time())
+    payload: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + ttl_s}
+    if settings.auth_audience is not None:
+        payload["aud"] = settings.auth_audience
+    if settings.auth_issuer is not None:
+        payload["iss"] = settings.auth_issuer
+    if role is not None:
+        set_claim(payload, settings.auth_role_claim, role)
+    for path, value in claims.items():
+        set_claim(payload, path, value)
+    return jwt.encode(payload, settings.auth_jwt_secret, algorithm="HS256")
