@@ -46,7 +46,6 @@ class State(TypedDict):
     stream: StreamPipeline
     # The bearer-token verifier of REST and /ws alike; None when no token key is configured (open mode).
     auth: TokenVerifier | None
-    guard: Guard
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -62,7 +61,7 @@ def create_app(settings: Settings) -> FastAPI:
         engine = create_engine(settings, url)
         _log.info("serving with database %s", url.redacted())
         try:
-            stream = StreamPipeline(settings, url, engine)
+            stream = StreamPipeline(settings, url, engine, guard)
             await stream.start()
             _freeze_startup_objects()
             try:
@@ -72,7 +71,6 @@ def create_app(settings: Settings) -> FastAPI:
                     read_engine=autocommit(engine),
                     stream=stream,
                     auth=verifier,
-                    guard=guard,
                 )
             finally:
                 await stream.stop()

@@ -78,8 +78,9 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     settings = pipeline.settings
     if (await receive())["type"] != "websocket.connect":
         return  # the client left before the handshake completed
-    # A foreign Host (DNS rebinding) or a foreign page's Origin is refused before anything is counted.
-    refusal = scope["state"]["guard"].refusal(scope["headers"])
+    # A foreign Host (DNS rebinding) or a foreign page's Origin is refused before anything is counted. The rule
+    # is the pipeline's, not a key of the lifespan state: the server copies that dict for every connection.
+    refusal = pipeline.guard.refusal(scope["headers"])
     client = scope["client"][0] if scope.get("client") else ""
     if refusal is None:
         refusal = pipeline.admission.enter(client)

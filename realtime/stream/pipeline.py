@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from realtime.config import Settings
 from realtime.db import DATABASE_ERRORS, bounded_connection
 from realtime.dsn import Dsn
+from realtime.origins import Guard
 from realtime.stream import changelog
 from realtime.stream.admission import Admission
 from realtime.stream.catalog import Catalog
@@ -40,8 +41,10 @@ _PRUNE_BUDGET_S = 300.0
 
 
 class StreamPipeline:
-    def __init__(self, settings: Settings, url: Dsn, engine: AsyncEngine) -> None:
+    def __init__(self, settings: Settings, url: Dsn, engine: AsyncEngine, guard: Guard) -> None:
         self.settings = settings
+        # The app's Host and Origin rule, the one its HTTP middleware applies; /ws applies it to every upgrade.
+        self.guard = guard
         self._engine = engine
         self.hub = Hub()
         self.reads = ReadSlots(self.connection, settings.stream_max_concurrent_reads, settings.stream_read_wait_s)
@@ -71,7 +74,14 @@ class StreamPipeline:
         budget = seconds or settings.pool_timeout + (settings.statement_timeout_ms or _NO_STATEMENT_TIMEOUT_MS) / 1000
         async with bounded_connection(self._engine, budget) as conn:
             raw = await conn.get_raw_connection()
-            yield raw.driver_connection
+            driver: asyncpg.Connection = raw.driver_connection
+            try:
+                yield driver
+            except asyncio.CancelledError:
+                # Cancelled mid-statement (its client left): asyncpg would only ask the server to cancel, and the
+                # connection could go back to the pool still running it, or holding a lock it was just granted.
+                driver.terminate()
+                raise
 
     async def start(self) -> None:
         self._tasks = [
@@ -133,7 +143,9 @@ class StreamPipeline:
             await asyncio.sleep(settings.retention_interval_s)
             try:
                 async with self.connection(_PRUNE_BUDGET_S) as conn:
-                    deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
+                    deleted = await changelog.prune(
+                        conn, settings.retention_max_age_s, settings.retention_max_rows, _PRUNE_BUDGET_S
+                    )
             except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
                 continue
