@@ -117,7 +117,10 @@ class OriginRule:
             parts = urlsplit(item.rstrip("/"))
             if parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query:
                 raise ValueError(f"ALLOWED_ORIGINS: {item!r} is not an origin such as https://app.example.com")
-            origins.add(f"{parts.scheme}://{parts.netloc}".lower())
+            netloc = parts.netloc.lower()
+            default_port = ":443" if parts.scheme == "https" else ":80"
+            # Browsers leave the scheme's default port out of Origin.
+            origins.add(f"{parts.scheme}://{netloc.removesuffix(default_port)}")
         return cls(frozenset(origins), loopback=not items)
 
     def allows(self, origin: str, host: str | None) -> bool:

@@ -34,7 +34,7 @@ CONFIGURED_ORIGIN = "https://app.example.com"
 @pytest.fixture(scope="module")
 async def configured(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
     """A server with ALLOWED_ORIGINS and ALLOWED_HOSTS set, as for a deployment behind a front-end."""
-    env = {"ALLOWED_ORIGINS": f"{CONFIGURED_ORIGIN}, https://admin.example.com", "ALLOWED_HOSTS": "*.example.com"}
+    env = {"ALLOWED_ORIGINS": f"{CONFIGURED_ORIGIN}, https://admin.example.com:443/", "ALLOWED_HOSTS": "*.example.com"}
     async with running_server(database_url, artifacts_dir / "origins-configured.log", env=env) as server:
         yield server
 
