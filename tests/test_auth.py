@@ -4,12 +4,18 @@ not prove an identity, say why, and serve what does; connections re-authenticate
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +23,16 @@ import asyncpg
 import httpx
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from websockets.exceptions import ConnectionClosed
 
 from realtime.dsn import Dsn
 from realtime.errors import PROBLEM_JSON
 from tests.support.server import ServerProcess, free_port, running_server
 from tests.support.tables import committed_changes, create_streamed_table
+from tests.support.waiting import eventually
 from tests.support.ws import Frame, StreamClient
 
 SECRET = "test-secret-" + "s" * 40
@@ -288,6 +298,125 @@ async def test_ws_open_mode_accepts_auth_without_an_identity(server: ServerProce
         assert (await client.request({"type": "ping"}))["type"] == "pong"
     finally:
         await client.close()
+
+
+# --- public keys: a PEM file, and an identity provider's JWKS ----------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged_hs256(payload: dict[str, Any], secret: bytes) -> str:
+    """An HS256 token whose HMAC key is `secret` (PyJWT itself refuses to use a public key as an HMAC secret)."""
+    signing_input = f"{_b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{_b64(json.dumps(payload).encode())}"
+    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
+
+
+def claims(**extra: Any) -> dict[str, Any]:
+    return {"sub": "1", "exp": int(time.time() + 3600), "aud": AUDIENCE, **extra}
+
+
+async def test_rs256_tokens_are_verified_with_a_public_key_file(
+    database_url: Dsn, artifacts_dir: Path, tmp_path: Path
+) -> None:
+    """With AUTH_PUBLIC_KEY_FILE, RS256 tokens of the key are served; HS256 "signed" with the public key is refused."""
+    private_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    key_file = tmp_path / "public.pem"
+    key_file.write_bytes(pem)
+    env = {"AUTH_PUBLIC_KEY_FILE": str(key_file), "AUTH_AUDIENCE": AUDIENCE}
+    async with (
+        running_server(database_url, artifacts_dir / "auth-pem.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+    ):
+        good = jwt.encode(claims(), private_key, algorithm="RS256")
+        assert (await http.get("/users", headers=bearer(good))).status_code == 200
+        confused = forged_hs256(claims(), pem)
+        assert_unauthorized(await http.get("/users", headers=bearer(confused)), "algorithm 'HS256' is not accepted")
+        other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        forged = jwt.encode(claims(), other_key, algorithm="RS256")
+        assert_unauthorized(await http.get("/users", headers=bearer(forged)), "bad signature")
+        client = await authenticated(server.ws_url, good)
+        await client.close()
+
+
+class KeySet:
+    """A JWKS document served over HTTP on 127.0.0.1 from a thread, replaceable while it runs."""
+
+    def __init__(self) -> None:
+        self.keys: list[dict[str, Any]] = []
+        self.fetches = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                owner.fetches += 1
+                body = json.dumps({"keys": owner.keys}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/.well-known/jwks.json"
+
+    def publish(self, kid: str, jwk: dict[str, Any]) -> None:
+        self.keys = [{**jwk, "kid": kid, "use": "sig"}]
+
+
+@pytest.fixture
+def key_set() -> Iterator[KeySet]:
+    keys = KeySet()
+    thread = threading.Thread(target=keys.http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield keys
+    finally:
+        keys.http.shutdown()
+        keys.http.server_close()
+        thread.join(timeout=5)
+
+
+async def test_jwks_keys_are_fetched_by_kid_and_a_rotation_is_followed(
+    database_url: Dsn, artifacts_dir: Path, key_set: KeySet
+) -> None:
+    """Tokens are verified with the JWKS key of their kid; after a rotation the new kid is fetched and served."""
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key_set.publish("k1", {**RSAAlgorithm.to_jwk(rsa_key.public_key(), as_dict=True), "alg": "RS256"})
+    env = {"AUTH_JWKS_URL": key_set.url, "AUTH_AUDIENCE": AUDIENCE, "AUTH_ROLE_CLAIM": "app_metadata.role"}
+    async with (
+        running_server(database_url, artifacts_dir / "auth-jwks.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+    ):
+        first = jwt.encode(claims(app_metadata={"role": "editor"}), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+        assert (await http.get("/users", headers=bearer(first))).status_code == 200
+        client = await StreamClient.open(server.ws_url)
+        reply = await client.request({"type": "auth", "token": first})
+        await client.close()
+        assert (reply["type"], reply["role"]) == ("authenticated", "editor")
+        no_kid = jwt.encode(claims(), rsa_key, algorithm="RS256")
+        assert_unauthorized(await http.get("/users", headers=bearer(no_kid)), "no key id")
+
+        ec_key = ec.generate_private_key(ec.SECP256R1())
+        rotated = jwt.encode(claims(), ec_key, algorithm="ES256", headers={"kid": "k2"})
+        assert_unauthorized(await http.get("/users", headers=bearer(rotated)), "unknown key id")
+        key_set.publish("k2", {**ECAlgorithm.to_jwk(ec_key.public_key(), as_dict=True), "alg": "ES256"})
+
+        async def served() -> bool:
+            return (await http.get("/users", headers=bearer(rotated))).status_code == 200
+
+        await eventually(served, 10, "the rotated key k2 fetched and accepted")
+        unsigned = jwt.encode(claims(), None, algorithm="none", headers={"kid": "k2"})
+        assert_unauthorized(await http.get("/users", headers=bearer(unsigned)), "algorithm 'none' is not accepted")
+        assert 2 <= key_set.fetches <= 10  # fetched on demand, not per request
 
 
 # --- the command line -----------------------------------------------------------------------------------------
