@@ -74,14 +74,7 @@ class StreamPipeline:
         budget = seconds or settings.pool_timeout + (settings.statement_timeout_ms or _NO_STATEMENT_TIMEOUT_MS) / 1000
         async with bounded_connection(self._engine, budget) as conn:
             raw = await conn.get_raw_connection()
-            driver: asyncpg.Connection = raw.driver_connection
-            try:
-                yield driver
-            except asyncio.CancelledError:
-                # Cancelled mid-statement (its client left): asyncpg would only ask the server to cancel, and the
-                # connection could go back to the pool still running it, or holding a lock it was just granted.
-                driver.terminate()
-                raise
+            yield raw.driver_connection
 
     async def start(self) -> None:
         self._tasks = [
@@ -143,9 +136,7 @@ class StreamPipeline:
             await asyncio.sleep(settings.retention_interval_s)
             try:
                 async with self.connection(_PRUNE_BUDGET_S) as conn:
-                    deleted = await changelog.prune(
-                        conn, settings.retention_max_age_s, settings.retention_max_rows, _PRUNE_BUDGET_S
-                    )
+                    deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
             except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
                 continue
