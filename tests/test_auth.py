@@ -61,7 +61,7 @@ def bearer(token: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 async def secured(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
     """A server verifying HS256 tokens with a required audience and no leeway."""
-    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE, "AUTH_LEEWAY_S": "0", "AUTH_TIMEOUT_S": "1"}
+    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE, "AUTH_LEEWAY_S": "0", "AUTH_TIMEOUT_S": "2"}
     async with running_server(database_url, artifacts_dir / "auth.log", env=env) as server:
         yield server
 
@@ -184,6 +184,23 @@ async def test_ws_refuses_a_bad_token_saying_why(secured: ServerProcess, kind: s
         error = await client.request({"type": "auth", "token": token()})
         assert (error["type"], error["code"]) == ("error", "unauthorized"), error
         assert message in error["message"]
+        assert (await client.request({"type": "auth", "token": make_token()}))["type"] == "authenticated"
+    finally:
+        await client.close()
+
+
+async def test_ws_auth_frames_are_validated(secured: ServerProcess) -> None:
+    """An `auth` frame without a string token, with a token over 8 KiB, or with unknown fields gets `bad_message`."""
+    client = await StreamClient.open(secured.ws_url)
+    try:
+        for frame in (
+            {"type": "auth"},
+            {"type": "auth", "token": 42},
+            {"type": "auth", "token": "x" * 8193},
+            {"type": "auth", "token": make_token(), "sub": "1"},
+        ):
+            error = await client.request(frame)
+            assert (error["type"], error["code"]) == ("error", "bad_message"), error
         assert (await client.request({"type": "auth", "token": make_token()}))["type"] == "authenticated"
     finally:
         await client.close()
@@ -417,6 +434,46 @@ async def test_jwks_keys_are_fetched_by_kid_and_a_rotation_is_followed(
         unsigned = jwt.encode(claims(), None, algorithm="none", headers={"kid": "k2"})
         assert_unauthorized(await http.get("/users", headers=bearer(unsigned)), "algorithm 'none' is not accepted")
         assert 2 <= key_set.fetches <= 10  # fetched on demand, not per request
+
+
+async def test_an_unreachable_jwks_is_a_retryable_refusal(database_url: Dsn, artifacts_dir: Path) -> None:
+    """When the JWKS cannot be fetched, REST answers 503 with Retry-After and `auth` gets `unavailable`."""
+    env = {"AUTH_JWKS_URL": f"http://127.0.0.1:{free_port()}/jwks.json"}
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": "k1"})
+    async with (
+        running_server(database_url, artifacts_dir / "auth-jwks-down.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+    ):
+        response = await http.get("/users", headers=bearer(token))
+        assert response.status_code == 503, response.text
+        assert int(response.headers["retry-after"]) > 0
+        client = await StreamClient.open(server.ws_url)
+        try:
+            error = await client.request({"type": "auth", "token": token})
+        finally:
+            await client.close()
+        assert (error["type"], error["code"]) == ("error", "unavailable"), error
+        assert error["retry_after_ms"] > 0
+
+
+def test_contradictory_auth_settings_are_refused_by_name(tmp_path: Path) -> None:
+    """Two token keys, AUTH_MODE=none with a key, or a short secret stop the command with exit 2 and the reason."""
+    key_file = tmp_path / "key.pem"
+    cases = [
+        ({"AUTH_JWT_SECRET": SECRET, "AUTH_JWKS_URL": "https://idp.example/jwks"}, "set only one of"),
+        ({"AUTH_JWT_SECRET": SECRET, "AUTH_MODE": "none"}, "AUTH_MODE=none (serve open) contradicts"),
+        ({"AUTH_JWT_SECRET": "too-short"}, "at least 32 bytes"),
+        ({"AUTH_JWKS_URL": "ftp://idp.example/jwks"}, "https://"),
+    ]
+    for env, message in cases:
+        result = run_cli(tmp_path, "token", "--sub", "1", **env)
+        assert result.returncode == 2, (env, result.stderr)
+        assert message in result.stderr, result.stderr
+    key_file.write_text("not a key")
+    result = run_cli(tmp_path, "serve", "--port", str(free_port()), AUTH_PUBLIC_KEY_FILE=str(key_file))
+    assert result.returncode == 2
+    assert "AUTH_PUBLIC_KEY_FILE is not a PEM public key" in result.stderr
 
 
 # --- the command line -----------------------------------------------------------------------------------------
