@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a subscribe waits for a read slot before `unavailable` with `retry_after_ms`.",
     )
+    stream_snapshot_budget_bytes: int = Field(
+        default=268_435_456,
+        ge=1_048_576,
+        description="Memory all snapshots being sent may hold at once per process: past it a snapshot subscribe"
+        " gets `unavailable` with `retry_after_ms`.",
+    )
     stream_snapshot_max_bytes: int = Field(
         default=67_108_864,
         ge=65_536,

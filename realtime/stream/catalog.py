@@ -16,15 +16,18 @@ from realtime.stream.changes import TableKey
 ConnectionSource = Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
 
 
+_MISSING_TTL_S = 1.0
+
+
 class Catalog:
-    """Known streamed tables. Only positive answers are cached (for `ttl_s`), so a table enabled with
-    `realtime stream enable` can be subscribed to at once, and column changes show within `ttl_s`. Concurrent
-    look-ups of one table share one query, so a burst of subscribes costs one read, not one each."""
+    """Known streamed tables. Answers are cached for `ttl_s` (a missing table for one second only, so one enabled
+    with `realtime stream enable` can be subscribed to almost at once), and column changes show within `ttl_s`.
+    Concurrent look-ups of one table share one query, so a burst of subscribes costs one read, not one each."""
 
     def __init__(self, connect: ConnectionSource, ttl_s: float = 5.0) -> None:
         self._connect = connect
         self._ttl_s = ttl_s
-        self._cache: dict[TableKey, tuple[float, StreamedTable]] = {}
+        self._cache: dict[TableKey, tuple[float, StreamedTable | None]] = {}
         self._in_flight: dict[TableKey, asyncio.Future[StreamedTable | None]] = {}
 
     async def lookup(self, key: TableKey) -> StreamedTable | None:
@@ -48,8 +51,7 @@ class Catalog:
     async def _read(self, key: TableKey) -> StreamedTable | None:
         async with self._connect() as conn:
             table = await changelog.streamed_table(conn, key)
-        if table is None:
-            self._cache.pop(key, None)
-        else:
-            self._cache[key] = (time.monotonic() + self._ttl_s, table)
+        # A missing table is remembered briefly too: subscribes to made-up names must not keep the read slots
+        # busy, and a table enabled meanwhile is seen within a second.
+        self._cache[key] = (time.monotonic() + (self._ttl_s if table is not None else _MISSING_TTL_S), table)
         return table

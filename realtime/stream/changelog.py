@@ -7,6 +7,7 @@ committed later can land inside a range already read. Every read here is bounded
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -93,11 +94,21 @@ class SnapshotTooLarge(Exception):
     """The rows matching a snapshot's filter weigh more than the snapshot bound."""
 
 
+class SnapshotMemoryBusy(Exception):
+    """The process's memory for snapshots being sent is taken by others just now."""
+
+
 async def read_snapshot(
-    conn: asyncpg.Connection, table: StreamedTable, row_filter: RowFilter, chunk_rows: int, max_bytes: int
+    conn: asyncpg.Connection,
+    table: StreamedTable,
+    row_filter: RowFilter,
+    chunk_rows: int,
+    max_bytes: int,
+    reserve: Callable[[int], bool],
 ) -> tuple[int, list[list[str]]]:
     """The rows matching `row_filter` as JSON texts in chunks of `chunk_rows`, all read in one snapshot at the
-    returned position; SnapshotTooLarge past `max_bytes`.
+    returned position; SnapshotTooLarge past `max_bytes`, SnapshotMemoryBusy when `reserve` refuses a row's
+    memory (the caller gives back what it reserved once the rows are sent).
 
     Every change with a larger position committed after the snapshot was taken, so a subscriber that applies
     those changes to these rows misses nothing and sees nothing twice. The rows are read whole before any is
@@ -108,20 +119,25 @@ async def read_snapshot(
     # The snapshot must be taken while no transaction holds a position, so that it holds exactly the changes up
     # to `position`: the session keeps the position lock across BEGIN and lets it go in the transaction's first
     # statement, which is where a REPEATABLE READ snapshot is taken.
-    position = int(await conn.fetchval(_HOLD_POSITION))
     released = False
     chunks: list[list[str]] = []
     chunk: list[str] = []
     size = 0
     try:
+        # Inside the try: a read cancelled while the lock is being granted must not leave it held either.
+        position = int(await conn.fetchval(_HOLD_POSITION))
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             await conn.execute(_RELEASE_POSITION)
             released = True
-            async for record in conn.cursor(f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"):
+            query = f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"
+            async for record in conn.cursor(query, prefetch=max(chunk_rows, 50)):
                 text = record[0]
                 if row_filter.conditions and not row_filter.matches(orjson.loads(text)):
                     continue
-                size += len(text)
+                weight = text_bytes(text)
+                size += weight
+                if size <= max_bytes and not reserve(weight):
+                    raise SnapshotMemoryBusy("the memory for snapshots being sent is in use")
                 if size > max_bytes:
                     raise SnapshotTooLarge(
                         f"the rows matching this subscription exceed the snapshot bound of {max_bytes} bytes;"
@@ -137,6 +153,14 @@ async def read_snapshot(
             conn.terminate()
     chunks.append(chunk)
     return position, chunks
+
+
+def text_bytes(text: str) -> int:
+    """What a row's text holds in memory, near enough: its characters at their widest plus the string's header."""
+    return (len(text) if text.isascii() else 4 * len(text)) + _STR_OVERHEAD
+
+
+_STR_OVERHEAD = 64
 
 
 # One statement, so one snapshot: the retention mark, the changelog's newest position and the chunk agree.
@@ -163,15 +187,20 @@ async def replay_chunk(conn: asyncpg.Connection, table: TableKey, after: int, un
     return [_change(record, 2) for record in records if record[2] is not None]
 
 
-async def prune(conn: asyncpg.Connection, max_age_s: int, max_rows: int) -> int:
+async def prune(conn: asyncpg.Connection, max_age_s: int, max_rows: int, timeout_s: float) -> int:
     """Delete changelog rows older than `max_age_s` or beyond the newest `max_rows`; one pruner at a time.
 
     Never past the stable position: a row beyond it may sit after a hole that an open transaction still fills.
     """
     through = await stable_position(conn)
-    return int(
-        await conn.fetchval("SELECT realtime.prune(make_interval(secs => $1), $2, $3)", max_age_s, max_rows, through)
-    )
+    # A backlog (downtime, a bulk load, a lowered retention) can take longer to delete than a request's statement
+    # bound, and a prune that always times out would let the changelog grow without limit.
+    async with conn.transaction():
+        await conn.execute("SET LOCAL statement_timeout = 0")
+        deleted = await conn.fetchval(
+            "SELECT realtime.prune(make_interval(secs => $1), $2, $3)", max_age_s, max_rows, through, timeout=timeout_s
+        )
+    return int(deleted)
 
 
 def _ident(name: str) -> str:

@@ -34,10 +34,10 @@ from starlette.types import Receive, Scope, Send
 from realtime.auth.tokens import Identity, KeysUnavailable, TokenError, TokenVerifier
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
-from realtime.stream.changelog import CursorExpired, SnapshotTooLarge, StreamedTable
+from realtime.stream.changelog import CursorExpired, SnapshotMemoryBusy, SnapshotTooLarge, StreamedTable
 from realtime.stream.filters import Condition, compile_filter
 from realtime.stream.hub import Subscription
-from realtime.stream.outbox import CLOSE_UNAUTHENTICATED, Outbox
+from realtime.stream.outbox import CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHENTICATED, Outbox
 from realtime.stream.pipeline import StreamPipeline
 from realtime.stream.protocol import (
     MAX_ID_LENGTH,
@@ -62,7 +62,8 @@ from realtime.stream.wire import encode_text_frame, sink_for
 _log = logging.getLogger(__name__)
 # The hint sent with `unavailable` when the database or the change stream is away; clients add jittered backoff.
 RETRY_AFTER_DATABASE_MS = 1000
-CLOSE_POLICY_VIOLATION = 1008
+# A snapshot's read may take longer than one statement: it is several, and a filter decodes every row.
+_SNAPSHOT_READ_S = 60.0
 
 
 async def stream(scope: Scope, receive: Receive, send: Send) -> None:
@@ -179,6 +180,8 @@ class ClientSession:
             message = await self._next_message()
             if message["type"] == "websocket.disconnect":
                 return
+            if self._outbox.closed:
+                continue  # closing (4008, 1008, 1012): nothing it asks for could be answered; wait for it to go
             text = message.get("text")
             try:
                 if not self._rate.take():
@@ -273,7 +276,15 @@ class ClientSession:
                 task.cancel()
             await asyncio.wait((task,))
         finally:
-            task.cancel()  # a no-op once it is done; stops it if this task is itself cancelled
+            if not task.done():  # this task is itself being cancelled: stop the work, and let it clean up first
+                task.cancel()
+                await asyncio.shield(asyncio.wait((task,)))
+        if not reading.done():
+            # Nothing was received meanwhile: stop waiting, so an idle connection holds no task (the message, when
+            # it comes, stays in the server's queue for the next receive).
+            reading.cancel()
+            self._reading = None
+            await asyncio.wait((reading,))  # the next receive may only start once this one has let go
         if not task.cancelled() and not isinstance(task.exception(), _Closing):
             task.result()
 
@@ -351,6 +362,13 @@ class ClientSession:
             max_pending=settings.ws_queue_size,
             max_pending_bytes=settings.ws_queue_bytes,
         )
+        if hub.subscription_count >= settings.ws_max_subscriptions_total:
+            # Checked again: other connections' subscribes may have filled the process while this one waited.
+            raise refuse(
+                "too_many_subscriptions",
+                f"this server holds its maximum of {settings.ws_max_subscriptions_total} subscriptions; retry later",
+                RETRY_AFTER_BUSY_MS,
+            )
         self._subscriptions[request.id] = sub
         self._filter_values[request.id] = values
         hub.add(sub)
@@ -369,6 +387,9 @@ class ClientSession:
         except SnapshotTooLarge as error:
             self._drop(sub)
             raise refuse("snapshot_too_large", str(error)) from None
+        except SnapshotMemoryBusy as error:
+            self._drop(sub)
+            raise refuse("unavailable", f"{error}; retry shortly", RETRY_AFTER_BUSY_MS) from None
         except BaseException:
             self._drop(sub)
             raise
@@ -378,25 +399,40 @@ class ClientSession:
 
     async def _send_history(self, text: str, seq: int) -> None:
         await self._outbox.put(encode_text_frame(text), seq)
-        if self._outbox.closed:
+        if self._outbox.gone:
             raise _Closing
 
     async def _send_snapshot(self, sub: Subscription, table: StreamedTable) -> int:
         settings = self._pipeline.settings
-        async with self._pipeline.reads.connection() as conn:
-            position, chunks = await changelog.read_snapshot(
-                conn, table, sub.filter, settings.snapshot_chunk_rows, settings.stream_snapshot_max_bytes
-            )
-        last = len(chunks) - 1
-        for index, rows in enumerate(chunks):
-            chunks[index] = []  # sent rows are freed as the snapshot goes out, not when it ends
-            await self._send_history(snapshot_frame(sub.id, position, rows, last=index == last), position)
+        budget = self._pipeline.snapshot_memory
+        taken = 0
+
+        def reserve(size: int) -> bool:
+            nonlocal taken
+            if budget.take(size):
+                taken += size
+                return True
+            return False
+
+        try:
+            async with self._pipeline.reads.connection(settings.pool_timeout + _SNAPSHOT_READ_S) as conn:
+                position, chunks = await changelog.read_snapshot(
+                    conn, table, sub.filter, settings.snapshot_chunk_rows, settings.stream_snapshot_max_bytes, reserve
+                )
+            last = len(chunks) - 1
+            for index, rows in enumerate(chunks):
+                chunks[index] = []  # sent rows are freed as the snapshot goes out, not when it ends
+                await self._send_history(snapshot_frame(sub.id, position, rows, last=index == last), position)
+        finally:
+            budget.give(taken)
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
         chunk_size = self._pipeline.settings.listener_batch_size
         after = since
         while True:
+            if self._outbox.gone:
+                raise _Closing  # checked per chunk too: a chunk with nothing for this filter sends nothing
             async with self._pipeline.reads.connection() as conn:
                 changes = await changelog.replay_chunk(conn, sub.table, after, until, chunk_size)
             for change in changes:

@@ -56,7 +56,9 @@ class Subscription:
         assert self.pending is not None
         self.pending.append((seq, frame))
         self.pending_bytes += len(frame)
-        if len(self.pending) > self.max_pending or self.pending_bytes > self.max_pending_bytes:
+        held = len(self.pending)
+        # As in the outbox, one frame larger than the byte bound is let through alone.
+        if held > self.max_pending or (held > 1 and self.pending_bytes > self.max_pending_bytes):
             self.outbox.close(CLOSE_TOO_SLOW, "too slow")
             self.pending.clear()
             self.pending_bytes = 0
@@ -68,6 +70,9 @@ class Subscription:
         self.pending_bytes = 0
         for seq, frame in pending:
             self.deliver(seq, frame)
+
+
+_ABSENT = object()
 
 
 class _TableSubscriptions:
@@ -86,19 +91,24 @@ class _TableSubscriptions:
             self.by_value[condition.column][value_key(condition.value)][sub] = None
         self.count += 1
 
-    def remove(self, sub: Subscription) -> None:
+    def remove(self, sub: Subscription) -> bool:
+        """Take `sub` out; False if it was not here (removing twice must not touch the others' count)."""
         condition = sub.filter.index_condition
         if condition is None:
-            self.unindexed.pop(sub, None)
+            if self.unindexed.pop(sub, _ABSENT) is _ABSENT:
+                return False
         else:
-            column = self.by_value[condition.column]
+            column = self.by_value.get(condition.column)
             key = value_key(condition.value)
-            column[key].pop(sub, None)
-            if not column[key]:
+            subs = column.get(key) if column is not None else None
+            if column is None or subs is None or subs.pop(sub, _ABSENT) is _ABSENT:
+                return False
+            if not subs:
                 del column[key]
             if not column:
                 del self.by_value[condition.column]
         self.count -= 1
+        return True
 
     def candidates(self, change: Change) -> Iterator[Subscription]:
         yield from self.unindexed
@@ -144,10 +154,8 @@ class Hub:
 
     def remove(self, sub: Subscription) -> None:
         table = self._tables.get(sub.table)
-        if table is not None:
-            table.remove(sub)
-            if table.count == 0:
-                del self._tables[sub.table]
+        if table is not None and table.remove(sub) and table.count == 0:
+            del self._tables[sub.table]
 
     def publish(self, changes: Sequence[Change]) -> None:
         # A batch's last change is written to each socket as soon as it is matched, together with the batch's

@@ -31,6 +31,7 @@ _log = logging.getLogger(__name__)
 CLOSE_TOO_SLOW = 4008
 CLOSE_UNAUTHENTICATED = 4001  # no valid `auth` within AUTH_TIMEOUT_S, or the token expired
 CLOSE_RESTARTING = 1012
+CLOSE_POLICY_VIOLATION = 1008  # the client kept sending past its frame rate
 
 SendFn = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -114,6 +115,11 @@ class Outbox:
         """Closing or closed: nothing offered from now on is sent."""
         return self._close is not None
 
+    @property
+    def gone(self) -> bool:
+        """The peer has left, or the connection is closing: nothing more can reach the client."""
+        return self._close is not None or self._sink.gone()
+
     def _has_room(self, size: int) -> bool:
         # One frame larger than the byte bound still goes out when nothing else is queued.
         frames = len(self._frames)
@@ -137,12 +143,19 @@ class Outbox:
             if seq > self._queued_seq:
                 self._queued_seq = self.last_seq_sent = seq
             return
-        if not self._has_room(len(frame)):
-            self.close(CLOSE_TOO_SLOW, "too slow")
-            return
-        self._frames.append(frame)
+        size = len(frame)
+        frames = self._frames
+        if frames and (len(frames) >= self._max_frames or self._queued_bytes + size > self._max_bytes):
+            # Full of frames the socket was never offered (a listener batch, a catch-up) is not slowness:
+            # write them if the socket takes them now, and only overflow if it does not.
+            if self._writer is None and self._sink.ready():
+                self._write_queued()
+            else:
+                self.close(CLOSE_TOO_SLOW, "too slow")
+                return
+        frames.append(frame)
         self._seqs.append(seq)
-        self._queued_bytes += len(frame)
+        self._queued_bytes += size
         if seq > self._queued_seq:
             self._queued_seq = seq
         if flush:
@@ -246,6 +259,7 @@ class Outbox:
             raise
         except Exception:  # the peer went away mid-send; nothing more can reach it
             self._drop_queued()
+            self._signal_room()
             self._sink.abort()
         finally:
             if self._close is None:

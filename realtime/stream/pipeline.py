@@ -31,7 +31,7 @@ from realtime.stream.catalog import Catalog
 from realtime.stream.hub import Hub
 from realtime.stream.listener import Listener, ListenerSettings
 from realtime.stream.outbox import CLOSE_RESTARTING, Flusher
-from realtime.stream.reads import ReadSlots
+from realtime.stream.reads import MemoryBudget, ReadSlots
 
 _log = logging.getLogger(__name__)
 _WATCHDOG_INTERVAL_S = 1.0
@@ -48,6 +48,7 @@ class StreamPipeline:
         self._engine = engine
         self.hub = Hub()
         self.reads = ReadSlots(self.connection, settings.stream_max_concurrent_reads, settings.stream_read_wait_s)
+        self.snapshot_memory = MemoryBudget(settings.stream_snapshot_budget_bytes)
         self.catalog = Catalog(self.reads.connection)
         self.admission = Admission(settings.ws_max_connections, settings.ws_max_connections_per_client)
         self.listener = Listener(
@@ -74,7 +75,14 @@ class StreamPipeline:
         budget = seconds or settings.pool_timeout + (settings.statement_timeout_ms or _NO_STATEMENT_TIMEOUT_MS) / 1000
         async with bounded_connection(self._engine, budget) as conn:
             raw = await conn.get_raw_connection()
-            yield raw.driver_connection
+            driver: asyncpg.Connection = raw.driver_connection
+            try:
+                yield driver
+            except asyncio.CancelledError:
+                # Cancelled mid-statement (its client left): asyncpg would only ask the server to cancel, and the
+                # connection could go back to the pool still running it, or holding a lock it was just granted.
+                driver.terminate()
+                raise
 
     async def start(self) -> None:
         self._tasks = [
@@ -136,7 +144,9 @@ class StreamPipeline:
             await asyncio.sleep(settings.retention_interval_s)
             try:
                 async with self.connection(_PRUNE_BUDGET_S) as conn:
-                    deleted = await changelog.prune(conn, settings.retention_max_age_s, settings.retention_max_rows)
+                    deleted = await changelog.prune(
+                        conn, settings.retention_max_age_s, settings.retention_max_rows, _PRUNE_BUDGET_S
+                    )
             except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
                 continue

@@ -16,7 +16,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import asyncpg
 
-ConnectionSource = Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
+ConnectionSource = Callable[[float | None], AbstractAsyncContextManager[asyncpg.Connection]]
 # What a refused reader is told to wait before retrying: reads are short, so slots free up within this.
 RETRY_AFTER_BUSY_MS = 1000
 
@@ -32,15 +32,33 @@ class ReadSlots:
         self._wait_s = wait_s
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pool connection for one bounded read; ReadsBusy if no slot frees up in time."""
+    async def connection(self, seconds: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+        """A pool connection for one bounded read (within `seconds`, default the source's); ReadsBusy if no slot
+        frees up in time."""
         try:
             async with asyncio.timeout(self._wait_s):
                 await self._slots.acquire()
         except TimeoutError:
             raise ReadsBusy(f"no history read slot became free within {self._wait_s:g}s") from None
         try:
-            async with self._connect() as conn:
+            async with self._connect(seconds) as conn:
                 yield conn
         finally:
             self._slots.release()
+
+
+class MemoryBudget:
+    """Bytes the process lets snapshots hold between reading their rows and handing them to the socket."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+
+    def take(self, size: int) -> bool:
+        if self._used + size > self._limit:
+            return False
+        self._used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self._used -= size
