@@ -20,6 +20,7 @@ JWKS lifecycle (keys of an identity provider):
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ JWKS_MAX_AGE_S = 300.0
 JWKS_MIN_REFETCH_S = 1.0
 JWKS_FETCH_TIMEOUT_S = 5.0
 _ASYMMETRIC = ("RS256", "ES256")
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +79,13 @@ class _JwksKeys:
         if kid in self._keys and age is not None and age < JWKS_MAX_AGE_S:
             return self._keys[kid]
         if age is None or age >= JWKS_MIN_REFETCH_S or self._fetching is not None:
-            await self._refresh()
+            try:
+                await self._refresh()
+            except KeysUnavailable:
+                if kid not in self._keys:
+                    raise
+                # A key we hold only went stale: the provider being away is no reason to refuse it meanwhile.
+                _log.warning("JWKS refetch failed; still using the cached key %r", kid)
         key = self._keys.get(kid)
         if key is None:
             raise TokenError(f"unknown key id (kid) {kid!r}: the identity provider's key set does not have it")
@@ -104,16 +112,14 @@ class TokenVerifier:
     def __init__(
         self,
         *,
-        key: Any = None,
-        algorithm: str | None = None,
+        key: tuple[Any, str] | None = None,
         jwks: _JwksKeys | None = None,
         audience: str | None,
         issuer: str | None,
         role_claim: str,
         leeway_s: float,
     ) -> None:
-        self._key = key
-        self._algorithm = algorithm or "HS256"
+        self._key = key  # a fixed key and the one algorithm it verifies, or None with a JWKS
         self._jwks = jwks
         self._audience = audience
         self._issuer = issuer
@@ -138,10 +144,9 @@ class TokenVerifier:
             "leeway_s": settings.auth_leeway_s,
         }
         if settings.auth_jwt_secret is not None:
-            return cls(key=settings.auth_jwt_secret, algorithm="HS256", **common)
+            return cls(key=(settings.auth_jwt_secret, "HS256"), **common)
         if settings.auth_public_key_file is not None:
-            key, algorithm = _load_public_key(settings.auth_public_key_file.read_bytes())
-            return cls(key=key, algorithm=algorithm, **common)
+            return cls(key=_load_public_key(settings.auth_public_key_file.read_bytes()), **common)
         if settings.auth_jwks_url is not None:
             return cls(jwks=_JwksKeys(settings.auth_jwks_url), **common)
         return None
@@ -164,7 +169,8 @@ class TokenVerifier:
             jwk = await self._jwks.key(kid)
             key, algorithm = jwk.key, jwk.algorithm_name
         else:
-            key, algorithm = self._key, self._algorithm
+            assert self._key is not None
+            key, algorithm = self._key
         if alg != algorithm:
             raise TokenError(f"algorithm {alg!r} is not accepted; this key verifies {algorithm} tokens only")
         return self._decode(token, key, algorithm)
