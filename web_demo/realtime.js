@@ -12,6 +12,15 @@
  *
  *     close(), or the browser reports it is offline ─► offline      ("online" event ─► reconnect at once)
  *
+ * With a `getToken` option (a server with a token key), each attempt first asks for a token, and `open`
+ * leads to `live` only through the server's answer to `auth`; subscriptions are sent after it:
+ *
+ *     (re)connect ─getToken()─► open ─auth─► authenticated ─► live ─at ~80% of the token's life─► getToken()
+ *                                             │                 ▲          ─► auth on the same socket ─┘
+ *                                             │                 └─ close 4001 "token expired" ─► reconnecting
+ *       unauthorized / forbidden, or close 4001 "authentication required" ─► unauthorized (no more retries;
+ *                                                                            connect() starts over)
+ *
  * Subscription lifecycle, repeated on every connection:
  *
  *     sent ─► [snapshot chunks, assembled] ─► subscribed ─► change, change, ...
@@ -24,7 +33,7 @@
  * Positions (`seq`) are read as JavaScript numbers; they stay exact up to 2^53, far beyond any real changelog.
  */
 
-/** @typedef {'connecting' | 'live' | 'reconnecting' | 'offline'} Status */
+/** @typedef {'connecting' | 'live' | 'reconnecting' | 'offline' | 'unauthorized'} Status */
 /** @typedef {'INSERT' | 'UPDATE' | 'DELETE'} Op */
 /** @typedef {'eq' | 'neq' | 'lt' | 'lte' | 'gt' | 'gte' | 'in' | 'is'} FilterOp */
 
@@ -84,6 +93,18 @@
  * @property {number} [connectTimeout] ms an opening handshake may take before it is abandoned (default 10000)
  * @property {{initial?: number, max?: number}} [backoff]  reconnect delay bounds in ms (default 500 / 15000)
  * @property {typeof WebSocket} [WebSocket]  constructor to use instead of the global one (tests, Node)
+ * @property {() => string | Promise<string>} [getToken]
+ *           a bearer token (JWT) for a server with a token key: asked before every connection attempt and again
+ *           before the token expires; leave it out for an open server
+ */
+
+/**
+ * Who the server says the connection is, passed to `authenticated` listeners after every accepted `auth`
+ * (the first of each connection and every refresh). All three are null on an open server.
+ * @typedef {object} AuthInfo
+ * @property {string | null} sub
+ * @property {string | null} role
+ * @property {number | null} exp    seconds since the epoch
  */
 
 /**
@@ -92,7 +113,7 @@
  * @typedef {object} DisconnectInfo
  * @property {number} code        WebSocket close code (4000 when this client gave up on a silent link)
  * @property {string} reason
- * @property {number | null} serverLastSeq  `last_seq` from a 1012 / 4008 reason, for diagnostics only
+ * @property {number | null} serverLastSeq  `last_seq` from a 1012 / 4008 / 4001 reason, for diagnostics only
  */
 
 const DEFAULTS = {
@@ -108,6 +129,15 @@ const CLOSE_NO_ANSWER = 4000;
 const MAX_EXPONENT = 30;
 // A server's `retry_after_ms` above this counts as this: a delay past 2^31 - 1 ms would make setTimeout fire at once.
 const MAX_RETRY_AFTER = 300_000;
+// The longest delay setTimeout honours; a token valid for longer is refreshed after this anyway.
+const MAX_TIMER = 2 ** 31 - 1;
+// A token is refreshed at this fraction of its remaining life, or this many ms before it expires if that is
+// earlier; never sooner than the floor after the previous answer, whatever the token says.
+const REFRESH_AT = 0.8;
+const REFRESH_MARGIN = 30_000;
+const REFRESH_FLOOR = 1_000;
+// The server's close code for a missing or expired token; the reason tells which.
+const CLOSE_UNAUTHENTICATED = 4001;
 
 /** An `error` frame from the server, or a problem this client detected. */
 export class RealtimeError extends Error {
@@ -212,7 +242,7 @@ export class RealtimeClient {
   #subs = new Map();
   /** ids unsubscribed on this connection whose `unsubscribed` reply has not come back yet */
   #draining = new Set();
-  /** @type {Map<unknown, {kind: 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}>} */
+  /** @type {Map<unknown, {kind: 'auth' | 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}>} */
   #pending = new Map();
   #nextRef = 1;
   #nextSubId = 1;
@@ -228,6 +258,18 @@ export class RealtimeClient {
   #pongTimer = null;
   /** @type {ReturnType<typeof setTimeout> | null} */
   #connectTimer = null;
+  /** @type {(() => string | Promise<string>) | null} */
+  #getToken = null;
+  /** true while a connection attempt waits for getToken, before its socket exists */
+  #fetchingToken = false;
+  /** true once requests may go out on #ws: it is open and, with getToken, authenticated */
+  #ready = false;
+  /** @type {number | null} `exp` of the token the connection holds (seconds since the epoch) */
+  #exp = null;
+  /** bumped whenever a socket or attempt ends, so a late getToken answer cannot touch the next one */
+  #generation = 0;
+  /** @type {ReturnType<typeof setTimeout> | null} */
+  #refreshTimer = null;
 
   /**
    * Create a client. Nothing happens until `connect()`.
@@ -243,6 +285,7 @@ export class RealtimeClient {
       backoff: { ...DEFAULTS.backoff, ...options.backoff },
     };
     this.#WebSocket = options.WebSocket ?? globalThis.WebSocket;
+    this.#getToken = options.getToken ?? null;
   }
 
   /** @returns {Status} */
@@ -255,6 +298,7 @@ export class RealtimeClient {
    *   `status` (status: Status)          every change of connection state
    *   `disconnect` (info: DisconnectInfo) a socket closed (a reconnect follows unless offline)
    *   `error` (err: RealtimeError)        a problem not tied to one subscription's handlers
+   *   `authenticated` (info: AuthInfo)     the server accepted a token (on connect and on each refresh)
    * @overload
    * @param {'status'} type
    * @param {(status: Status) => void} listener
@@ -270,6 +314,12 @@ export class RealtimeClient {
    * @overload
    * @param {'error'} type
    * @param {(err: RealtimeError) => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @overload
+   * @param {'authenticated'} type
+   * @param {(info: AuthInfo) => void} listener
    * @returns {() => void}
    */
   /**
@@ -294,7 +344,7 @@ export class RealtimeClient {
       globalThis.addEventListener?.('online', this.#onOnline);
       globalThis.addEventListener?.('offline', this.#onOffline);
     }
-    if (this.#ws || this.#retryTimer) return this;
+    if (this.#ws || this.#retryTimer || this.#fetchingToken) return this;
     if (this.#browserOffline()) this.#setStatus('offline');
     else this.#open();
     return this;
@@ -349,7 +399,7 @@ export class RealtimeClient {
       retryTimer: null,
     };
     this.#subs.set(id, record);
-    if (this.#isOpen()) this.#sendSubscribe(record);
+    if (this.#ready) this.#sendSubscribe(record);
     return new Subscription(record, () => this.#unsubscribe(record));
   }
 
@@ -357,32 +407,56 @@ export class RealtimeClient {
 
   #open() {
     this.#setStatus(this.#everLive ? 'reconnecting' : 'connecting');
+    if (!this.#getToken) {
+      this.#openSocket(null);
+      return;
+    }
+    // The token comes first, so the socket does not sit unauthenticated (and on the server's AUTH_TIMEOUT_S)
+    // while an identity provider answers. connectTimeout covers both.
+    const generation = ++this.#generation;
+    this.#fetchingToken = true;
+    this.#armConnectTimer();
+    this.#askToken().then((answer) => {
+      if (generation !== this.#generation) return; // given up on, closed or offline meanwhile
+      this.#fetchingToken = false;
+      if ('token' in answer) this.#openSocket(answer.token);
+      else if (answer.err.code === 'unauthorized') this.#halt(answer.err);
+      else {
+        // getToken threw: its source may be down for a moment. Retry like a failed socket, with backoff.
+        if (this.#connectTimer) clearTimeout(this.#connectTimer);
+        this.#connectTimer = null;
+        this.#emit('error', answer.err);
+        this.#scheduleRetry();
+      }
+    });
+  }
+
+  /**
+   * Open the socket; with a token, `auth` is its first frame and `live` waits for the answer.
+   * @param {string | null} token
+   */
+  #openSocket(token) {
     let ws;
     try {
       ws = new this.#WebSocket(this.#url);
     } catch (cause) {
       // A malformed URL or a missing WebSocket throws here. Report it and keep retrying like any failure,
       // so the status stays truthful (never `live`) and a transient cause can still recover.
+      if (this.#connectTimer) clearTimeout(this.#connectTimer);
+      this.#connectTimer = null;
       this.#emit('error', new RealtimeError('connect_failed', String(cause)));
       this.#scheduleRetry();
       return;
     }
     this.#ws = ws;
-    // A handshake into a black hole can hang for minutes before the browser gives up; we give up sooner.
-    this.#connectTimer = setTimeout(() => {
-      this.#connectTimer = null;
-      this.#giveUp('connect timeout');
-    }, this.#options.connectTimeout);
+    if (!this.#connectTimer) this.#armConnectTimer();
     // Handlers check `ws === this.#ws` so a socket we already gave up on can no longer touch our state.
     ws.onopen = () => {
       if (ws !== this.#ws) return;
-      if (this.#connectTimer) clearTimeout(this.#connectTimer);
-      this.#connectTimer = null;
       this.#opened = true;
-      this.#everLive = true;
-      this.#setStatus('live');
-      this.#startHeartbeat();
-      for (const record of this.#subs.values()) this.#sendSubscribe(record);
+      if (token == null) this.#goLive();
+      // Nothing else is sent before the answer: the server refuses every other frame until then.
+      else this.#send({ type: 'auth', token }, { kind: 'auth' });
     };
     ws.onmessage = (event) => {
       if (ws === this.#ws) this.#onMessage(event.data);
@@ -392,6 +466,94 @@ export class RealtimeClient {
     };
     // An `error` event is always followed by `close`, which does the work.
     ws.onerror = null;
+  }
+
+  #armConnectTimer() {
+    // A handshake into a black hole can hang for minutes before the browser gives up; we give up sooner.
+    this.#connectTimer = setTimeout(() => {
+      this.#connectTimer = null;
+      this.#giveUp('connect timeout');
+    }, this.#options.connectTimeout);
+  }
+
+  /** The socket is open (and, with a token, authenticated): requests may go out. */
+  #goLive() {
+    if (this.#connectTimer) clearTimeout(this.#connectTimer);
+    this.#connectTimer = null;
+    this.#ready = true;
+    this.#everLive = true;
+    this.#setStatus('live');
+    this.#startHeartbeat();
+    for (const record of this.#subs.values()) this.#sendSubscribe(record);
+  }
+
+  /**
+   * Ask the caller's getToken; never throws.
+   * @returns {Promise<{token: string} | {err: RealtimeError}>}
+   */
+  async #askToken() {
+    let token;
+    try {
+      token = await /** @type {() => string | Promise<string>} */ (this.#getToken)();
+    } catch (cause) {
+      const text = cause instanceof Error ? cause.message : String(cause);
+      return { err: new RealtimeError('token_unavailable', `getToken failed: ${text}`) };
+    }
+    if (typeof token !== 'string' || token === '') {
+      return { err: new RealtimeError('unauthorized', 'getToken returned no token') };
+    }
+    return { token };
+  }
+
+  /**
+   * The server refused our identity, or we have none to offer: retrying would only be refused again. Stop,
+   * keeping every subscription and its position, so that a later `connect()` (with a token that works) resumes.
+   * @param {RealtimeError} err
+   */
+  #halt(err) {
+    this.#wanted = false;
+    globalThis.removeEventListener?.('online', this.#onOnline);
+    globalThis.removeEventListener?.('offline', this.#onOffline);
+    this.#abandonSocket(1000, 'unauthorized');
+    this.#setStatus('unauthorized');
+    this.#emit('error', err);
+  }
+
+  /**
+   * Refresh at REFRESH_AT of the token's remaining life or REFRESH_MARGIN before exp, whichever is earlier.
+   * @param {boolean} [stale]  the last refresh did not move exp on (getToken gave the same token back): ask again
+   *                           after half the remaining life, so a token source that cannot do better is asked a
+   *                           few times, not once a second, until the server closes the connection at exp
+   */
+  #scheduleRefresh(stale = false) {
+    if (this.#refreshTimer) clearTimeout(this.#refreshTimer);
+    this.#refreshTimer = null;
+    if (!this.#getToken || this.#exp == null) return; // an open server: tokens do not expire there
+    // Read against this browser's clock; the server's AUTH_LEEWAY_S absorbs a small skew.
+    const remaining = this.#exp * 1000 - Date.now();
+    const ahead = stale ? remaining / 2 : Math.min(remaining * REFRESH_AT, remaining - REFRESH_MARGIN);
+    const delay = Math.min(MAX_TIMER, Math.max(REFRESH_FLOOR, ahead));
+    this.#refreshTimer = setTimeout(() => {
+      this.#refreshTimer = null;
+      this.#refresh();
+    }, delay);
+  }
+
+  /** Send a fresh token on the open connection: subscriptions carry on untouched. */
+  async #refresh() {
+    const generation = this.#generation;
+    const answer = await this.#askToken();
+    if (generation !== this.#generation || !this.#ready) return; // that connection is gone
+    if ('token' in answer) {
+      this.#send({ type: 'auth', token: answer.token }, { kind: 'auth' });
+    } else if (answer.err.code === 'unauthorized') {
+      this.#halt(answer.err);
+    } else {
+      // The token source failed for now; try again later (the floor keeps this from spinning). If exp comes
+      // first, the server closes 4001 and the reconnect asks again.
+      this.#emit('error', answer.err);
+      this.#scheduleRefresh();
+    }
   }
 
   /**
@@ -406,6 +568,12 @@ export class RealtimeClient {
       const match = /last_seq=(\d+)/.exec(reason || '');
       this.#emit('disconnect', { code, reason, serverLastSeq: match ? Number(match[1]) : null });
     }
+    // 4001 "token expired": a new connection with a fresh token resumes like any other loss. Any other 4001
+    // ("authentication required") would be met the same way on every attempt.
+    if (code === CLOSE_UNAUTHENTICATED && !/^token expired/.test(reason || '') && this.#wanted) {
+      this.#halt(new RealtimeError('unauthorized', reason || 'authentication required'));
+      return;
+    }
     if (!this.#wanted || this.#browserOffline()) {
       this.#setStatus('offline');
       return;
@@ -416,12 +584,15 @@ export class RealtimeClient {
     this.#scheduleRetry();
   }
 
-  /** Full-jitter backoff: a uniform delay in [0, min(max, initial·2^attempt)) spreads a reconnect storm. */
-  #scheduleRetry() {
+  /**
+   * Full-jitter backoff: a uniform delay in [0, min(max, initial·2^attempt)) spreads a reconnect storm.
+   * @param {number} [floor]  the least delay, e.g. the server's `retry_after_ms`
+   */
+  #scheduleRetry(floor = 0) {
     const { initial, max } = this.#options.backoff;
     const ceiling = Math.min(max, initial * 2 ** Math.min(this.#attempt, MAX_EXPONENT));
     this.#attempt += 1;
-    const delay = Math.random() * ceiling;
+    const delay = Math.max(floor, Math.random() * ceiling);
     this.#retryTimer = setTimeout(() => {
       this.#retryTimer = null;
       this.#open();
@@ -469,10 +640,15 @@ export class RealtimeClient {
   #dropSocketState() {
     this.#ws = null;
     this.#opened = false;
+    this.#ready = false;
+    this.#exp = null;
+    this.#fetchingToken = false;
+    this.#generation += 1;
     if (this.#pingTimer) clearInterval(this.#pingTimer);
     if (this.#pongTimer) clearTimeout(this.#pongTimer);
     if (this.#connectTimer) clearTimeout(this.#connectTimer);
-    this.#pingTimer = this.#pongTimer = this.#connectTimer = null;
+    if (this.#refreshTimer) clearTimeout(this.#refreshTimer);
+    this.#pingTimer = this.#pongTimer = this.#connectTimer = this.#refreshTimer = null;
     this.#pending.clear();
     this.#draining.clear();
     for (const record of this.#subs.values()) {
@@ -500,7 +676,7 @@ export class RealtimeClient {
   }
 
   #onOnline = () => {
-    if (!this.#wanted || this.#ws) return;
+    if (!this.#wanted || this.#ws || this.#fetchingToken) return;
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = null;
     this.#attempt = 0; // the network just came back; waiting out an old backoff would only add delay
@@ -526,7 +702,7 @@ export class RealtimeClient {
   /**
    * Send one message with a fresh `ref`, remembering what it was for. Returns the ref, or null if not open.
    * @param {Record<string, unknown>} message
-   * @param {{kind: 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}} purpose
+   * @param {{kind: 'auth' | 'subscribe' | 'unsubscribe' | 'ping', record?: SubRecord}} purpose
    */
   #send(message, purpose) {
     if (!this.#isOpen()) return null;
@@ -572,7 +748,7 @@ export class RealtimeClient {
     record.retryTimer = setTimeout(() => {
       record.retryTimer = null;
       // A lost connection cancels this timer; a new one sends every subscription itself.
-      if (this.#subs.get(record.id) === record && this.#isOpen()) this.#sendSubscribe(record);
+      if (this.#subs.get(record.id) === record && this.#ready) this.#sendSubscribe(record);
     }, delay);
     call(record.handlers.retry, err, delay);
   }
@@ -592,7 +768,8 @@ export class RealtimeClient {
     const waiting = record.retryTimer != null;
     this.#cancelRetry(record);
     record.phase = 'closed';
-    if (waiting) return;
+    // Not ready: nothing of it is on the server (subscribes go out only once the connection is ready).
+    if (waiting || !this.#ready) return;
     if (this.#send({ type: 'unsubscribe', id: record.id }, { kind: 'unsubscribe', record }) != null) {
       this.#draining.add(record.id);
     }
@@ -620,6 +797,8 @@ export class RealtimeClient {
     // The server answered, so this connection works: the next failure starts again from the shortest delay.
     this.#attempt = 0;
     switch (frame.type) {
+      case 'authenticated':
+        return this.#onAuthenticated(frame);
       case 'snapshot':
         return this.#onSnapshot(frame);
       case 'subscribed':
@@ -643,6 +822,41 @@ export class RealtimeClient {
         // Unknown frame types are ignored so an older client keeps working against a newer server.
         return;
     }
+  }
+
+  /** @param {any} frame */
+  #onAuthenticated(frame) {
+    if (this.#pending.get(frame.ref)?.kind !== 'auth') return;
+    this.#pending.delete(frame.ref);
+    const previous = this.#exp; // null on a connection's first answer
+    this.#exp = typeof frame.exp === 'number' ? frame.exp : null;
+    if (!this.#ready) this.#goLive();
+    this.#scheduleRefresh(previous != null && this.#exp != null && this.#exp <= previous);
+    this.#emit('authenticated', { sub: frame.sub ?? null, role: frame.role ?? null, exp: this.#exp });
+  }
+
+  /**
+   * The server did not accept our `auth` (on connect or on a refresh).
+   * @param {RealtimeError} err
+   */
+  #onAuthRefused(err) {
+    if (err.code !== 'unavailable' && err.code !== 'rate_limited') {
+      // unauthorized (bad, expired or malformed token), forbidden (a token for another user), bad_message:
+      // the same token source would be refused again.
+      this.#halt(err);
+      return;
+    }
+    // The server cannot check tokens right now (its JWKS is unreachable). Report it and try again later.
+    this.#emit('error', err);
+    if (this.#ready) {
+      this.#scheduleRefresh(); // a refresh: the connection keeps its identity until exp
+      return;
+    }
+    // A connection that never authenticated would be closed after AUTH_TIMEOUT_S: start a new one later.
+    this.#closeQuietly(1000, 'authentication unavailable');
+    this.#dropSocketState();
+    this.#setStatus(this.#everLive ? 'reconnecting' : 'connecting');
+    this.#scheduleRetry(err.retryAfter ?? 0);
   }
 
   /** @param {any} frame */
@@ -693,6 +907,16 @@ export class RealtimeClient {
     const retryAfter = Number.isFinite(hint) && hint >= 0 ? Math.min(hint, MAX_RETRY_AFTER) : null;
     const err = new RealtimeError(frame.code ?? 'unknown', frame.message ?? '', frame.ref, retryAfter);
 
+    if (purpose?.kind === 'auth') {
+      this.#onAuthRefused(err);
+      return;
+    }
+    if (err.code === 'unauthorized') {
+      // A request refused because the connection has no identity (a server with a token key, and no getToken
+      // here): every subscription would meet the same answer. Stop instead of failing them one by one.
+      this.#halt(err);
+      return;
+    }
     if (purpose?.kind === 'unsubscribe') {
       // not_subscribed: the server had already dropped it (its subscribe failed). Either way it is gone.
       this.#draining.delete(frame.id ?? purpose.record?.id);
