@@ -2,8 +2,16 @@
  * app.js: the demo page. One snapshot subscription on `users` feeds the table; every write goes through the
  * REST API and shows up here only because the change stream delivers it, in this tab and in every other.
  *
+ * Against a server with a token key, give the page a bearer token in the URL fragment, `/#token=<JWT>` (never
+ * the query string, which servers and proxies log), or paste one into the form the page shows when the server
+ * refuses it. The page takes the token out of the address bar at once, streams with it and sends it on every
+ * REST request. Without one the page works as against an open server.
+ *
  * Hooks for browser tests (values of `data-testid`):
- *   status                 connection state; text is exactly `connecting`, `live`, `reconnecting` or `offline`
+ *   status                 connection state; text is exactly `connecting`, `live`, `reconnecting`, `offline` or
+ *                          `unauthorized` (the server refused the token, or there is none; the token form shows)
+ *   token-form             the token form, shown only while the status is `unauthorized`, with token-input,
+ *                          token-submit and token-message (why the server refused)
  *   seq                    last seq received by the table's subscription; `—` before the first
  *   subscription           state of the table's subscription; text is exactly `pending`, `live`, `retrying`
  *                          (the server answered `unavailable`; asked again after a delay) or `failed`
@@ -38,6 +46,25 @@ const BURST_SIZE = 20;
 const BURST_CONCURRENCY = 4;
 
 const $ = (/** @type {string} */ id) => /** @type {HTMLElement} */ (document.getElementById(id));
+
+/**
+ * The bearer token from `#token=...`, taken out of the address bar (and so out of bookmarks and screenshots)
+ * before anything else runs. Null: none given, the page works as against an open server.
+ * @returns {string | null}
+ */
+function takeTokenFromFragment() {
+  const match = /^#(?:.*&)?token=([^&]*)/.exec(location.hash);
+  if (!match) return null;
+  history.replaceState(history.state, '', location.pathname + location.search);
+  try {
+    return decodeURIComponent(match[1]) || null;
+  } catch {
+    return match[1] || null;
+  }
+}
+
+/** @type {string | null} */
+let token = takeTokenFromFragment();
 
 // ── DOM helpers ──────────────────────────────────────────────────────────────────────────────────────────
 
@@ -128,6 +155,7 @@ async function request(method, path, { body, version } = {}) {
   const headers = { Accept: 'application/json, application/problem+json' };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
   if (version !== undefined) headers['If-Match'] = `"${version}"`;
+  if (token) headers.Authorization = `Bearer ${token}`;
   let response;
   try {
     response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
@@ -680,7 +708,8 @@ function logChange(frame, arrivedAt) {
 
 // ── subscription and filter ──────────────────────────────────────────────────────────────────────────────
 
-const rt = new RealtimeClient('/ws');
+// With no token the client sends none, exactly as on an open server.
+const rt = new RealtimeClient('/ws', token ? { getToken: () => token ?? '' } : {});
 /** @type {import('./realtime.js').Subscription | null} */
 let subscription = null;
 
@@ -882,21 +911,51 @@ function wireConnection() {
     live: 'Connected: changes stream live.',
     reconnecting: 'Connection lost; reconnecting…',
     offline: 'Offline. The stream resumes where it stopped once the network is back.',
+    unauthorized: 'The server wants a valid token and stopped trying; enter one above.',
   };
   rt.on('status', (state) => {
     status.textContent = state;
     status.dataset.state = state;
     document.body.dataset.connection = state;
+    $('token-panel').hidden = state !== 'unauthorized';
     showSubscription(); // a lost connection makes the subscription pending until it is sent again
-    logNote(said[state], state === 'live' ? 'info' : 'warn');
+    logNote(said[state], state === 'live' ? 'info' : state === 'unauthorized' ? 'error' : 'warn');
   });
   rt.on('disconnect', ({ code, reason }) => {
     logNote(`Socket closed (${code}${reason ? `: ${reason}` : ''}); the stream resumes from its last seq.`, 'warn');
   });
-  rt.on('error', (err) => logNote(`${err.code}: ${err.message}`, 'error'));
+  rt.on('error', (err) => {
+    if (err.code === 'unauthorized' || err.code === 'forbidden') $('token-message').textContent = err.message;
+    logNote(`${err.code}: ${err.message}`, 'error');
+  });
+}
+
+function wireToken() {
+  const form = /** @type {HTMLFormElement} */ ($('token-form'));
+  const input = /** @type {HTMLInputElement} */ ($('token-input'));
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const value = input.value.trim();
+    if (!value) {
+      input.focus();
+      return;
+    }
+    if (token) {
+      // The client already asks us for tokens: the next attempt gets this one.
+      token = value;
+      form.reset();
+      rt.connect();
+      return;
+    }
+    // This page started without a token, so its client sends none. Start over with it in the fragment, which
+    // the page takes straight out of the address bar again.
+    location.hash = `token=${encodeURIComponent(value)}`;
+    location.reload();
+  });
 }
 
 wireConnection();
+wireToken();
 wireCreateForm();
 wireFilter();
 wireBurst();
