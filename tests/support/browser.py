@@ -195,17 +195,32 @@ CLIENT_PAGE_PATH = "/realtime.js"
 # disconnect and error events, every handler call) and every frame it sends and receives, each with the
 # page's own clock (`t`, performance.now() in ms). The socket is the browser's WebSocket; the subclass only
 # records frames (with the number of the socket, 1 for the first) before the client sees them, including
-# frames that reach a socket the client has already given up on.
+# frames that reach a socket the client has already given up on, and each socket it creates (`socket`).
+#
+# With `withToken: 'async'` (or `'sync'`) in the options the client gets a `getToken` that logs each call (`token`,
+# with the page's wall clock in `wall`) and answers the token the test last gave with `setToken`; a token given
+# with `thenHold` is answered once, and every later call waits until the test gives the next one.
 _SET_UP_CLIENT = """
 async (options) => {
   const { RealtimeClient } = await import('/realtime.js');
   const log = [];
   const note = (entry) => log.push({ t: performance.now(), ...entry });
+  const { withToken, ...clientOptions } = options;
+  const tokens = { value: null, holdAfterNext: false, held: false, waiters: [] };
+  if (withToken) {
+    clientOptions.getToken = () => {
+      note({ kind: 'token', wall: Date.now() });
+      if (tokens.held) return new Promise((resolve) => tokens.waiters.push(resolve));
+      if (tokens.holdAfterNext) tokens.held = true;
+      return withToken === 'sync' ? tokens.value : Promise.resolve(tokens.value);
+    };
+  }
   let sockets = 0;
   class RecordingWebSocket extends WebSocket {
     constructor(url) {
       super(url);
       this.number = ++sockets;
+      note({ kind: 'socket', socket: this.number });
       this.addEventListener('message', (event) => {
         note({ kind: 'received', socket: this.number, frame: JSON.parse(event.data) });
       });
@@ -215,15 +230,27 @@ async (options) => {
       super.send(data);
     }
   }
-  const client = new RealtimeClient('/ws', { ...options, WebSocket: RecordingWebSocket });
+  const client = new RealtimeClient('/ws', { ...clientOptions, WebSocket: RecordingWebSocket });
   client.on('status', (status) => note({ kind: 'status', status }));
   client.on('disconnect', ({ code, reason }) => note({ kind: 'disconnect', code, reason }));
   client.on('error', (err) => note({ kind: 'client-error', code: err.code, message: err.message }));
+  client.on('authenticated', ({ sub, role, exp }) => note({ kind: 'authenticated', sub, role, exp }));
   const subs = new Map();
   window.__rt = {
     client,
     log,
     subs,
+    setToken(value, thenHold) {
+      tokens.value = value;
+      tokens.held = false;
+      tokens.holdAfterNext = false;
+      const waiting = tokens.waiters.splice(0);
+      for (const resolve of waiting) resolve(value);
+      if (thenHold) {
+        if (waiting.length) tokens.held = true;
+        else tokens.holdAfterNext = true;
+      }
+    },
     subscribe(spec) {
       let sub;
       sub = client.subscribe(spec, {
@@ -274,6 +301,15 @@ class ClientTab:
     async def close(self) -> None:
         await self.page.evaluate("() => { window.__rt.client.close(); }")
 
+    async def set_token(self, token: str, then_hold: bool = False) -> None:
+        """What the client's `getToken` answers from now on (a tab opened with `withToken`); with `then_hold`,
+        only its next call, the ones after it waiting until the next `set_token`. Calls already waiting get it."""
+        await self.page.evaluate("([token, hold]) => window.__rt.setToken(token, hold)", [token, then_hold])
+
+    async def status(self) -> str:
+        status: str = await self.page.evaluate("() => window.__rt.client.status")
+        return status
+
     async def state(self, sub_id: str) -> str:
         state: str = await self.page.evaluate("id => window.__rt.subs.get(id).state", sub_id)
         return state
@@ -313,6 +349,15 @@ class ClientTab:
             raise AssertionError(f"no {kind} {match} within {timeout_ms} ms; last entries: {tail}") from None
         index: int = await handle.json_value()
         return index - 1
+
+    async def expect_none(self, kind: str, within_ms: float, after: int = 0, **match: Any) -> None:
+        """Fail if the log gains an entry of `kind` with the given fields (at index `after` or later) within
+        `within_ms`: a wait with a deadline for something that must not happen."""
+        try:
+            found = await self.wait_for(kind, timeout_ms=within_ms, after=after, **match)
+        except AssertionError:
+            return
+        raise AssertionError(f"unexpected {kind} {match}: {(await self.log())[found:]}")
 
     async def wait_change_at_least(self, sub_id: str, seq: int, timeout_ms: float = STREAM_TIMEOUT_MS) -> None:
         """Wait until the subscription has delivered a change at `seq` or later."""
