@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime import __version__, health
+from realtime.auth.dependencies import declare_bearer_auth
 from realtime.auth.tokens import TokenVerifier
 from realtime.config import Settings, get_settings
 from realtime.db import autocommit, create_engine
@@ -85,6 +86,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    if verifier is not None:
+        declare_bearer_auth(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(users_router)

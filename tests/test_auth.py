@@ -127,11 +127,22 @@ async def test_probes_demo_page_and_openapi_stay_anonymous(client: httpx.AsyncCl
     """/healthz, /readyz, the demo page and /openapi.json need no token; the users routes declare 401."""
     for path in ("/healthz", "/readyz", "/", "/openapi.json"):
         assert (await client.get(path)).status_code == 200, path
-    paths = (await client.get("/openapi.json")).json()["paths"]
-    for operations in paths.values():
+    description = (await client.get("/openapi.json")).json()
+    assert description["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+    for operations in description["paths"].values():
         for method, operation in operations.items():
             if "users" in operation.get("tags", []):
                 assert "401" in operation["responses"], method
+                assert operation["security"] == [{"bearerAuth": []}], method
+            else:
+                assert "security" not in operation, method
+
+
+async def test_an_open_server_describes_no_bearer_scheme(http: httpx.AsyncClient) -> None:
+    """Without a token key the OpenAPI description asks for no credentials (its clients would send none)."""
+    description = (await http.get("/openapi.json")).json()
+    assert "securitySchemes" not in description.get("components", {})
+    assert not [op for ops in description["paths"].values() for op in ops.values() if "security" in op]
 
 
 # --- WebSocket ------------------------------------------------------------------------------------------------
