@@ -24,9 +24,7 @@ MAX_ID = 2**63 - 1
 
 # What `_printable` enforces, spelled as the JSON Schema `pattern` of names, so that generated clients and
 # schema-driven test tools know which names are valid: no NUL anywhere, at least one non-whitespace character.
-# The NUL is written as the character itself, not as `\x00`: the JSON then carries `\u0000`, which every regex
-# dialect reads alike, where one schema tool was seen to read the escape as a backslash, `x`, `0` and `0`.
-NAME_PATTERN = "^[^\x00]*[^\x00\\s][^\x00]*$"
+NAME_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
 _NON_BLANK = re.compile(r"\S")
 
 
