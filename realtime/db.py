@@ -135,12 +135,13 @@ async def bounded_connection(engine: AsyncEngine, seconds: float) -> AsyncIterat
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds
-    conn = engine.connect()
+    connecting = engine.connect()
     try:
         async with asyncio.timeout_at(deadline):
-            await conn.start()
+            conn = await connecting.__aenter__()
     except TimeoutError as error:
         raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
+    # Looked up now: once SQLAlchemy has invalidated the connection, asking for it would try to reconnect.
     assert conn.sync_connection is not None
     driver: asyncpg.Connection = conn.sync_connection.connection.driver_connection
     overran = False
@@ -154,20 +155,22 @@ async def bounded_connection(engine: AsyncEngine, seconds: float) -> AsyncIterat
     try:
         yield conn
     except DATABASE_ERRORS as error:
-        if overran:
-            raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
-        if isinstance(error, TimeoutError):
+        if isinstance(error, TimeoutError) and not overran:
             # asyncpg's own command timeout: the connection is left waiting on a cancel request that a silent
             # server does not answer either, so it is not fit to be used again.
             driver.terminate()
+        if driver.is_closed():
+            await conn.invalidate()  # the pool would otherwise hand out the closed connection again
+        if overran:
+            raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
         raise
     finally:
         timer.cancel()
         try:
-            if driver.is_closed():
-                await conn.invalidate()  # the pool would otherwise hand out the closed connection again
+            if overran and not conn.invalidated:
+                await conn.invalidate()  # aborted after the work ended without noticing: never pool it again
         finally:
-            await conn.close()
+            await connecting.__aexit__(None, None, None)
 
 
 async def get_transaction(request: Request) -> AsyncIterator[AsyncConnection]:
