@@ -167,8 +167,10 @@ async def bounded_connection(engine: AsyncEngine, seconds: float) -> AsyncIterat
     finally:
         timer.cancel()
         try:
-            if overran and not conn.invalidated:
-                await conn.invalidate()  # aborted after the work ended without noticing: never pool it again
+            # Closed by the deadline after the work ended without noticing, or by a cancelled reader that dropped
+            # it mid-statement (the stream's reads do): never pool it again.
+            if (overran or driver.is_closed()) and not conn.invalidated:
+                await conn.invalidate()
         finally:
             await connecting.__aexit__(None, None, None)
 
