@@ -154,7 +154,6 @@ class ClientSession:
         self._outbox = outbox
         self._receive = receive
         self._subscriptions: dict[str, Subscription] = {}
-        self._filter_values: dict[str, int] = {}
         settings = pipeline.settings
         self._rate = TokenBucket(settings.ws_messages_per_s, settings.ws_message_burst)
         self._refused = 0  # frames refused as rate_limited since the client last kept to the rate
@@ -330,7 +329,7 @@ class ClientSession:
                 RETRY_AFTER_BUSY_MS,
             )
         values = _filter_values(request.conditions)
-        held = sum(self._filter_values.values())
+        held = sum(_filter_values(sub.filter.conditions) for sub in self._subscriptions.values())
         if held + values > settings.ws_max_filter_values:
             raise refuse(
                 "filter_budget_exceeded",
@@ -370,7 +369,6 @@ class ClientSession:
                 RETRY_AFTER_BUSY_MS,
             )
         self._subscriptions[request.id] = sub
-        self._filter_values[request.id] = values
         hub.add(sub)
         # Everything up to here is synchronous, so no change was published between add() and reading this.
         hub_position = hub.position
@@ -444,7 +442,6 @@ class ClientSession:
 
     def _drop(self, sub: Subscription) -> None:
         self._subscriptions.pop(sub.id, None)
-        self._filter_values.pop(sub.id, None)
         self._pipeline.hub.remove(sub)
 
     def end(self) -> None:
@@ -452,7 +449,6 @@ class ClientSession:
         for sub in self._subscriptions.values():
             self._pipeline.hub.remove(sub)
         self._subscriptions.clear()
-        self._filter_values.clear()
         if self._reading is not None:
             self._reading.cancel()
             self._reading = None
