@@ -22,6 +22,7 @@ from tests.support.databases import (
     private_directory,
 )
 from tests.support.server import ServerProcess
+from tests.support.ws import StreamClient
 
 
 @pytest.fixture(scope="session")
@@ -72,6 +73,16 @@ def server(database_url: Dsn, artifacts_dir: Path) -> Iterator[ServerProcess]:
 async def http(server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as client:
         yield client
+
+
+@pytest.fixture
+async def client(server: ServerProcess) -> AsyncIterator[StreamClient]:
+    """A WebSocket client of the shared server (modules that need another kind of `client` define their own)."""
+    ws = await StreamClient.open(server.ws_url)
+    try:
+        yield ws
+    finally:
+        await ws.close()
 
 
 @pytest.fixture

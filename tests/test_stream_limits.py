@@ -250,12 +250,3 @@ async def test_a_long_ref_is_refused_without_being_echoed(client: StreamClient) 
     assert reply["code"] == "bad_message"
     assert "ref" not in reply
     assert (await client.request({"type": "ping"}))["type"] == "pong"
-
-
-@pytest.fixture
-async def client(server: ServerProcess) -> AsyncIterator[StreamClient]:
-    connection = await StreamClient.open(server.ws_url)
-    try:
-        yield connection
-    finally:
-        await connection.close()

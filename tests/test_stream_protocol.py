@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -13,15 +12,6 @@ from websockets.exceptions import InvalidStatus
 from tests.support.server import ServerProcess
 from tests.support.tables import create_streamed_table
 from tests.support.ws import StreamClient
-
-
-@pytest.fixture
-async def client(server: ServerProcess) -> AsyncIterator[StreamClient]:
-    ws = await StreamClient.open(server.ws_url)
-    try:
-        yield ws
-    finally:
-        await ws.close()
 
 
 @pytest.fixture
