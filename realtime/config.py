@@ -200,6 +200,16 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="A WebSocket must authenticate within this time of opening, else 4001."
     )
     auth_policy_file: Path | None = Field(default=None, description="TOML file of the row-level policies.")
+    auth_operator_roles: str = Field(
+        default="operator",
+        description="Roles (comma-separated) whose bearer token sees the details of /readyz when HEALTH_DETAILS is"
+        " `auto`. Empty: no role does.",
+    )
+    health_details: Literal["auto", "public"] = Field(
+        default="auto",
+        description="Who sees what /readyz found (positions, counts, errors) besides ready or not: `auto`, everybody"
+        " on an open server and tokens of an AUTH_OPERATOR_ROLES role when a token key is set; `public`, everybody.",
+    )
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -265,6 +275,11 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         """Whether requests must carry a bearer token: exactly when a key to verify tokens is configured."""
         return bool(self.auth_key_sources)
+
+    @property
+    def operator_roles(self) -> frozenset[str]:
+        """AUTH_OPERATOR_ROLES as a set of role names (blanks around and between the commas ignored)."""
+        return frozenset(role.strip() for role in self.auth_operator_roles.split(",") if role.strip())
 
     @model_validator(mode="after")
     def _one_auth_key_source(self) -> Settings:

@@ -1,7 +1,13 @@
-"""Liveness and readiness probes."""
+"""Liveness and readiness probes.
+
+Both stay anonymous, because load balancers and orchestrators send no token. What /readyz found (the database's
+error, the listener's position and counts) is shown only to callers with the right to it (`_shows_details`);
+everybody else gets the status alone, with the same 200 or 503.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 from urllib.parse import unquote
 
@@ -10,9 +16,11 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from realtime.auth.dependencies import authenticate
 from realtime.config import Settings
 from realtime.db import bounded_connection, describe_failure
 from realtime.dsn import Dsn
+from realtime.errors import Unauthorized, Unavailable
 from realtime.stream.pipeline import StreamPipeline
 
 router = APIRouter(tags=["health"])
@@ -30,18 +38,39 @@ async def healthz() -> dict[str, str]:
 @router.get(
     "/readyz",
     summary="The database is reachable and the change listener is live",
-    responses={503: {"description": "Not ready; the body says which part is not"}},
+    responses={503: {"description": "Not ready; to a caller allowed the details, the body says which part is not"}},
 )
 async def readyz(request: Request) -> JSONResponse:
     settings: Settings = request.state.settings
     budget = min(_DB_CHECK_TIMEOUT_S, settings.pool_timeout)
-    database = await _database_state(request.state.read_engine, budget)
-    body: dict[str, Any] = {"database": _without_password(database, settings.database_url)}
+    # The token is checked while the database is, within the same budget, so that a JWKS fetch for a new key
+    # cannot make the probe slower than its documented bound.
+    database, details = await asyncio.gather(
+        _database_state(request.state.read_engine, budget), _shows_details(request, settings, budget)
+    )
     stream: StreamPipeline = request.state.stream
-    body["listener"] = stream.listener.status()
-    ready = body["database"] == "ok" and body["listener"]["state"] == "live"
-    body["status"] = "ready" if ready else "not_ready"
+    listener = stream.listener.status()
+    ready = database == "ok" and listener["state"] == "live"
+    status = "ready" if ready else "not_ready"
+    body: dict[str, Any] = {"status": status}
+    if details:
+        body = {"database": _without_password(database, settings.database_url), "listener": listener, **body}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+async def _shows_details(request: Request, settings: Settings, budget: float) -> bool:
+    """Whether the caller may see what /readyz found: HEALTH_DETAILS=public; else an open server (no token key,
+    everything is readable anyway), or a bearer token that verifies within `budget` and has an operator role.
+
+    A missing, invalid or unverifiable token is not refused: a probe stays anonymous and gets the status alone.
+    """
+    if settings.health_details == "public":
+        return True
+    try:
+        identity = await asyncio.wait_for(authenticate(request), budget)
+    except (Unauthorized, Unavailable, TimeoutError):
+        return False
+    return identity is None or identity.role in settings.operator_roles
 
 
 async def _database_state(engine: AsyncEngine, budget: float) -> str:
