@@ -1,7 +1,8 @@
 """The FastAPI application: lifespan-owned resources, routers, error handlers and the static demo page.
 
 Lifecycle (one per worker process):
-    startup   engine (pool) -> stream pipeline (listener, watchdog, pruner)
+    startup   engine (pool) -> row-level policy checked against the database -> stream pipeline (listener,
+              watchdog, pruner)
     serving   requests use the pool through `TransactionDep` / `ReadConnectionDep`; /ws uses the pipeline's hub
     shutdown  in reverse: stream pipeline (WebSockets closed with 1012) -> engine
 """
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime import __version__, health
 from realtime.auth.dependencies import declare_bearer_auth
+from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
 from realtime.auth.tokens import TokenVerifier
 from realtime.config import Settings, get_settings
 from realtime.db import autocommit, create_engine
@@ -56,6 +58,9 @@ def create_app(settings: Settings) -> FastAPI:
     url = Dsn.parse(str(settings.database_url))
     verifier = TokenVerifier.from_settings(settings)
     guard = Guard.from_settings(settings)
+    policy_file = load_policy(settings.auth_policy_file) if settings.auth_policy_file is not None else None
+    if policy_file is not None and verifier is None:
+        raise ValueError(POLICY_NEEDS_TOKENS)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
@@ -63,6 +68,9 @@ def create_app(settings: Settings) -> FastAPI:
         _log.info("serving with database %s", url.redacted())
         try:
             stream = StreamPipeline(settings, url, engine, guard)
+            if policy_file is not None:
+                async with stream.connection() as conn:
+                    stream.policy = policy_file.bind(await read_schemas(conn, policy_file.tables))
             await stream.start()
             _freeze_startup_objects()
             try:

@@ -17,12 +17,14 @@ import os
 import signal
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from pydantic import ValidationError
 
 from realtime import migrate
+from realtime.auth.policy import POLICY_NEEDS_TOKENS, Policy, PolicyError, describe, load_bound_policy, load_policy
 from realtime.auth.tokens import TokenVerifier, issue_token
 from realtime.config import Settings, get_settings
 from realtime.dsn import Dsn
@@ -78,6 +80,13 @@ def _serve(args: argparse.Namespace) -> int:
         if settings.migrate_on_start:
             migrate.upgrade(url)
             _log.info("migrations applied")
+        if settings.auth_policy_file is not None:
+            try:
+                policy = asyncio.run(_bind_policy(url, settings.auth_policy_file))
+            except PolicyError as error:
+                print(f"realtime: {error}", file=sys.stderr)
+                return 2
+            _log.info("row-level policy %s: %d rule(s)", settings.auth_policy_file, len(policy.rules))
         # Workers read their settings from the environment; this makes them use the database resolved here, and
         # the interface bound here (the default ALLOWED_HOSTS depends on it).
         os.environ["DATABASE_URL"] = url.libpq()
@@ -128,7 +137,12 @@ def _authentication_refusal(settings: Settings) -> str | None:
     except (OSError, ValueError) as error:
         return f"realtime: cannot verify tokens: {error}"
     if settings.auth_policy_file is not None:
-        _log.warning("AUTH_POLICY_FILE is not read yet: any valid token may read and change everything")
+        if verifier is None:
+            return f"realtime: {POLICY_NEEDS_TOKENS}"
+        try:
+            load_policy(settings.auth_policy_file)
+        except PolicyError as error:
+            return f"realtime: {error}"
     if verifier is not None:
         _log.info("bearer tokens required on /users and /ws (%s)", settings.auth_key_sources[0])
         return None
@@ -148,6 +162,37 @@ def _authentication_refusal(settings: Settings) -> str | None:
         "  or AUTH_MODE=none to serve open on purpose (e.g. behind a gateway that authenticates),\n"
         "  or bind a loopback address (--host 127.0.0.1)."
     )
+
+
+async def _bind_policy(url: Dsn, path: Path) -> Policy:
+    """The policy file checked against the database's streamed tables (PolicyError when it does not fit)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url.asyncpg())
+    try:
+        return await load_bound_policy(path, conn)
+    finally:
+        await conn.close()
+
+
+def _policy(args: argparse.Namespace) -> int:
+    """`realtime policy check [FILE]`: validate a policy file against the database and print its rules."""
+    settings = get_settings()
+    _configure_logging(settings.log_level)
+    path = Path(args.file) if args.file is not None else settings.auth_policy_file
+    if path is None:
+        print("realtime policy check: name a FILE or set AUTH_POLICY_FILE", file=sys.stderr)
+        return 2
+    try:
+        load_policy(path)  # the file's own mistakes are reported before any database is started
+        with database(settings) as url:
+            policy = asyncio.run(_bind_policy(url, path))
+    except PolicyError as error:
+        print(f"realtime policy check: {error}", file=sys.stderr)
+        return 1
+    print(f"{path}: valid, {len(policy.rules)} rule(s)")
+    print(describe(policy))
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -299,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("table", help="table name, optionally schema-qualified (it must have a primary key)")
     stream_actions.add_parser("list", help="print the streamed tables")
     stream.set_defaults(handler=_stream)
+
+    policy = commands.add_parser("policy", help="work with the row-level policy file (AUTH_POLICY_FILE)")
+    policy_actions = policy.add_subparsers(dest="action", required=True)
+    check = policy_actions.add_parser("check", help="validate a policy against the database and print its rules")
+    check.add_argument("file", nargs="?", help="the TOML policy file (default: AUTH_POLICY_FILE)")
+    policy.set_defaults(handler=_policy)
 
     token = commands.add_parser("token", help="print a bearer token signed with AUTH_JWT_SECRET (for tests, tools)")
     token.add_argument("--sub", required=True, help="the subject (user id) the token names")

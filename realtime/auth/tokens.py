@@ -204,13 +204,13 @@ class TokenVerifier:
             raise TokenError("'sub' must be a string") from None
         except jwt.InvalidTokenError as error:
             raise TokenError(f"invalid token: {error}") from None
-        role = _claim_at(claims, self._role_path)
+        role = claim_at(claims, self._role_path)
         if role is not None and not isinstance(role, str):
             raise TokenError(f"claim {'.'.join(self._role_path)!r} (the role) must be a string")
         return Identity(sub=claims["sub"], role=role, exp=int(claims["exp"]), claims=claims)
 
 
-def _claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+def claim_at(claims: Mapping[str, Any], path: tuple[str, ...]) -> Any:
     """The value at a dotted claim path (`app_metadata.role`), or None when any step is missing."""
     value: Any = claims
     for part in path:

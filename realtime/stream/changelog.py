@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import asyncpg
 import orjson
 
+from realtime.auth.policy import Grant
+from realtime.stream.access import restricted_snapshot_row
 from realtime.stream.changes import Change, TableKey
 from realtime.stream.filters import RowFilter
 
@@ -102,13 +104,15 @@ async def read_snapshot(
     conn: asyncpg.Connection,
     table: StreamedTable,
     row_filter: RowFilter,
+    grant: Grant | None,
     chunk_rows: int,
     max_bytes: int,
     reserve: Callable[[int], bool],
 ) -> tuple[int, list[list[str]]]:
-    """The rows matching `row_filter` as JSON texts in chunks of `chunk_rows`, all read in one snapshot at the
-    returned position; SnapshotTooLarge past `max_bytes`, SnapshotMemoryBusy when `reserve` refuses a row's
-    memory (the caller gives back what it reserved once the rows are sent).
+    """The rows matching `row_filter` and `grant` (which also trims their columns) as JSON texts in chunks of
+    `chunk_rows`, all read in one snapshot at the returned position; SnapshotTooLarge past `max_bytes`,
+    SnapshotMemoryBusy when `reserve` refuses a row's memory (the caller gives back what it reserved once the
+    rows are sent).
 
     Every change with a larger position committed after the snapshot was taken, so a subscriber that applies
     those changes to these rows misses nothing and sees nothing twice. The rows are read whole before any is
@@ -132,7 +136,11 @@ async def read_snapshot(
             query = f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"
             async for record in conn.cursor(query, prefetch=max(chunk_rows, 50)):
                 text = record[0]
-                if row_filter.conditions and not row_filter.matches(orjson.loads(text)):
+                if grant is not None:
+                    text = restricted_snapshot_row(grant, row_filter, text)
+                    if text is None:
+                        continue
+                elif row_filter.conditions and not row_filter.matches(orjson.loads(text)):
                     continue
                 weight = text_bytes(text)
                 size += weight

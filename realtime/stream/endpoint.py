@@ -31,10 +31,13 @@ from typing import Any
 import orjson
 from starlette.types import Receive, Scope, Send
 
+from realtime.auth.policy import Grant
 from realtime.auth.tokens import Identity, KeysUnavailable, TokenError, TokenVerifier
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
+from realtime.stream.access import restricted_body
 from realtime.stream.changelog import CursorExpired, SnapshotMemoryBusy, SnapshotTooLarge, StreamedTable
+from realtime.stream.changes import TableKey
 from realtime.stream.filters import Condition, compile_filter
 from realtime.stream.hub import Subscription
 from realtime.stream.outbox import CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHENTICATED, Outbox
@@ -250,8 +253,38 @@ class ClientSession:
             return  # the deadline or the old token's expiry came while this token was verified
         self._identity = identity
         self._close_at(identity.exp + verifier.leeway_s, "token expired")
+        ended = self._recheck_subscriptions() if current is not None else []
         reply = reply_frame("authenticated", request.ref, sub=identity.sub, role=identity.role, exp=identity.exp)
         await self._outbox.put(encode_text_frame(reply))
+        for sub_id, why in ended:
+            await self._outbox.put(encode_text_frame(error_frame("forbidden", why, sub_id=sub_id)))
+
+    def _read_grant(self, table: TableKey) -> Grant | None:
+        """What this connection's identity may read of `table` (None: all of it); ProtocolError `forbidden` if
+        nothing. The caller adds the frame's ref and id."""
+        policy = self._pipeline.policy
+        if policy is None:
+            return None
+        grant = policy.grant(self._identity, table, "read")
+        if grant is None:
+            role = self._identity.role if self._identity is not None else None
+            raise ProtocolError("forbidden", f"role {role!r} may not read {table.wire_name!r}")
+        return grant if grant.restricts else None
+
+    def _recheck_subscriptions(self) -> list[tuple[str, str]]:
+        """After a refresh, end the subscriptions whose grant the new token's claims change: rows they were not
+        sent could now be theirs, or rows they hold no longer are. Returns (id, reason) of each one ended."""
+        ended = []
+        for sub in list(self._subscriptions.values()):
+            try:
+                unchanged = self._read_grant(sub.table) == sub.grant
+                reason = "the refreshed token changes what this subscription may read; subscribe again"
+            except ProtocolError as error:
+                unchanged, reason = False, error.message
+            if not unchanged:
+                self._drop(sub)
+                ended.append((sub.id, reason))
+        return ended
 
     def _close_at(self, wall_time: float, why: str) -> None:
         """Close the connection with 4001 at `wall_time` (seconds since the epoch), replacing any earlier timer."""
@@ -351,6 +384,14 @@ class ClientSession:
         unknown = sorted({c.column for c in request.conditions} - table.columns)
         if unknown:
             raise refuse("unknown_column", f"table {table.key.wire_name!r} has no column {', '.join(unknown)}")
+        try:
+            grant = self._read_grant(table.key)
+        except ProtocolError as error:
+            raise refuse(error.code, error.message) from None
+        readable = grant.filterable_columns if grant is not None else None
+        hidden = sorted({c.column for c in request.conditions} - readable) if readable is not None else []
+        if hidden:
+            raise refuse("forbidden", f"this token may not filter on {', '.join(hidden)}: not a column it can read")
 
         sub = Subscription(
             id=request.id,
@@ -360,6 +401,7 @@ class ClientSession:
             outbox=self._outbox,
             max_pending=settings.ws_queue_size,
             max_pending_bytes=settings.ws_queue_bytes,
+            grant=grant,
         )
         if hub.subscription_count >= settings.ws_max_subscriptions_total:
             # Checked again: other connections' subscribes may have filled the process while this one waited.
@@ -415,7 +457,13 @@ class ClientSession:
         try:
             async with self._pipeline.reads.connection(settings.pool_timeout + _SNAPSHOT_READ_S) as conn:
                 position, chunks = await changelog.read_snapshot(
-                    conn, table, sub.filter, settings.snapshot_chunk_rows, settings.stream_snapshot_max_bytes, reserve
+                    conn,
+                    table,
+                    sub.filter,
+                    sub.grant,
+                    settings.snapshot_chunk_rows,
+                    settings.stream_snapshot_max_bytes,
+                    reserve,
                 )
             last = len(chunks) - 1
             for index, rows in enumerate(chunks):
@@ -434,7 +482,13 @@ class ClientSession:
             async with self._pipeline.reads.connection() as conn:
                 changes = await changelog.replay_chunk(conn, sub.table, after, until, chunk_size)
             for change in changes:
-                if change.op in sub.events and (not sub.filter.conditions or sub.filter.matches(change.filter_row)):
+                if change.op not in sub.events:
+                    continue
+                if sub.grant is not None:
+                    restricted = restricted_body(sub.grant, sub.filter, change)
+                    if restricted is not None:
+                        await self._send_history(change_frame(sub.id, restricted[1]), change.seq)
+                elif not sub.filter.conditions or sub.filter.matches(change.filter_row):
                     await self._send_history(change_frame(sub.id, change_body(change)), change.seq)
             if len(changes) < chunk_size:
                 return max(since, until)

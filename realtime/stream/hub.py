@@ -10,18 +10,25 @@ Lifecycle of a subscription:
 `publish()` runs on the listener's task for each batch, in `seq` order. It never awaits: a change is matched,
 encoded once per distinct subscription id, and offered to each outbox. Subscriptions with an `eq` condition are
 indexed by that column's value, so a change costs nothing for subscriptions whose indexed value differs.
+
+A subscription restricted by a policy grant (realtime/auth/policy.py) is indexed the same way, on its grant's
+`eq` when it has one (a claim-bound `id = sub` puts each member under their own id), and gets its frames from
+access.py. Because a row may move out of what such a subscription may read, an UPDATE also reaches the restricted
+subscriptions indexed under the old row's value, which is the only way they learn the row left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from realtime.auth.policy import Grant
+from realtime.stream.access import restricted_body
 from realtime.stream.changes import Change, TableKey
-from realtime.stream.filters import RowFilter, value_key
+from realtime.stream.filters import Condition, RowFilter, value_key
 from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
 from realtime.stream.protocol import change_body, change_frame
 from realtime.stream.wire import encode_text_frame
@@ -41,6 +48,13 @@ class Subscription:
     position: int = 0
     pending: list[tuple[int, bytes]] | None = field(default_factory=list)
     pending_bytes: int = 0
+    grant: Grant | None = None  # None: every row and column of the table (open mode, or a rule without limits)
+
+    @property
+    def index_condition(self) -> Condition | None:
+        if self.grant is not None:
+            return self.grant.index_condition or self.filter.index_condition
+        return self.filter.index_condition
 
     def deliver(self, seq: int, frame: bytes, flush: bool = False) -> None:
         if self.pending is not None:
@@ -81,19 +95,24 @@ class _TableSubscriptions:
         self.by_value: defaultdict[str, defaultdict[Hashable, dict[Subscription, None]]] = defaultdict(
             lambda: defaultdict(dict)
         )
+        # Columns that restricted subscriptions are indexed on, by how many: an UPDATE that changes one of these
+        # columns is also offered to the restricted subscriptions under its old value.
+        self.restricted_columns: Counter[str] = Counter()
         self.count = 0
 
     def add(self, sub: Subscription) -> None:
-        condition = sub.filter.index_condition
+        condition = sub.index_condition
         if condition is None:
             self.unindexed[sub] = None
         else:
             self.by_value[condition.column][value_key(condition.value)][sub] = None
+            if sub.grant is not None:
+                self.restricted_columns[condition.column] += 1
         self.count += 1
 
     def remove(self, sub: Subscription) -> bool:
         """Take `sub` out; False if it was not here (removing twice must not touch the others' count)."""
-        condition = sub.filter.index_condition
+        condition = sub.index_condition
         if condition is None:
             if self.unindexed.pop(sub, _ABSENT) is _ABSENT:
                 return False
@@ -107,6 +126,10 @@ class _TableSubscriptions:
                 del column[key]
             if not column:
                 del self.by_value[condition.column]
+            if sub.grant is not None:
+                self.restricted_columns[condition.column] -= 1
+                if not self.restricted_columns[condition.column]:
+                    del self.restricted_columns[condition.column]
         self.count -= 1
         return True
 
@@ -114,10 +137,18 @@ class _TableSubscriptions:
         yield from self.unindexed
         if self.by_value:
             row = change.filter_row
+            moves = self.restricted_columns and change.op == "UPDATE"
             for column, subs_by_value in self.by_value.items():
-                subs = subs_by_value.get(value_key(row.get(column)))
+                key = value_key(row.get(column))
+                subs = subs_by_value.get(key)
                 if subs:
                     yield from subs
+                if moves and column in self.restricted_columns:
+                    old = change.old_row
+                    assert old is not None
+                    old_key = value_key(old.get(column))
+                    if old_key != key:
+                        yield from [sub for sub in subs_by_value.get(old_key, ()) if sub.grant is not None]
 
 
 class Hub:
@@ -172,9 +203,19 @@ class Hub:
             return
         body: str | None = None
         frames: dict[str, bytes] = {}
+        restricted_frames: dict[tuple[str, Hashable], bytes] = {}
         op = change.op
         for sub in table.candidates(change):
             if op not in sub.events:
+                continue
+            if sub.grant is not None:
+                restricted = restricted_body(sub.grant, sub.filter, change)
+                if restricted is not None:
+                    cache_key = (sub.id, restricted[0])
+                    frame = restricted_frames.get(cache_key)
+                    if frame is None:
+                        frame = restricted_frames[cache_key] = encode_text_frame(change_frame(sub.id, restricted[1]))
+                    sub.deliver(change.seq, frame, flush)
                 continue
             if sub.filter.conditions and not sub.filter.matches(change.filter_row):
                 continue

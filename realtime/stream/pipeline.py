@@ -21,6 +21,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from realtime.auth.policy import Policy
 from realtime.config import Settings
 from realtime.db import DATABASE_ERRORS, bounded_connection
 from realtime.dsn import Dsn
@@ -45,6 +46,8 @@ class StreamPipeline:
         self.settings = settings
         # The app's Host and Origin rule, the one its HTTP middleware applies; /ws applies it to every upgrade.
         self.guard = guard
+        # The row-level policy (bound to the database at start-up), or None: every identity may read everything.
+        self.policy: Policy | None = None
         self._engine = engine
         self.hub = Hub()
         self.reads = ReadSlots(self.connection, settings.stream_max_concurrent_reads, settings.stream_read_wait_s)
