@@ -307,3 +307,69 @@ def test_serve_without_database_url_runs_and_stops_an_embedded_postgres(tmp_path
     finally:
         assert _stop(again) == 0
     assert not (data_dir / "postmaster.pid").exists()
+
+
+# --- realtime policy check ---------------------------------------------------------------------------------------
+
+MEMBER_RULE = """
+[[rule]]
+table = "users"
+roles = ["member"]
+actions = ["read", "update"]
+where = [{ column = "id", op = "eq", claim = "sub" }]
+columns = ["id", "name", "version"]
+"""
+
+
+def test_policy_check_prints_the_effective_rules(cli: Cli, stream_db: Dsn, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(MEMBER_RULE + '\n[[rule]]\ntable = "users"\nroles = ["admin", "member"]\nactions = ["read"]\n')
+    outcome = cli("policy", "check", str(policy), DATABASE_URL=stream_db.libpq())
+    assert outcome.returncode == 0, outcome.stderr
+    assert outcome.stdout.splitlines() == [
+        f"{policy}: valid, 2 rule(s)",
+        "role admin:",
+        "  users: read where every row; columns: every column  [rule 2]",
+        "role member:",
+        "  users: read, update where id eq claim sub; columns: id, name, version  [rule 1]",
+        "  users: read where every row; columns: every column  [rule 2]",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (MEMBER_RULE.replace('"update"', '"upsert"'), "rule 1 (table 'users'): unknown action(s) 'upsert'"),
+        (MEMBER_RULE.replace('op = "eq"', 'op = "like"'), "rule 1 (table 'users'): where[0]: unknown op 'like'"),
+        (
+            MEMBER_RULE.replace('"version"]', '"version", "salary"]'),
+            "rule 1 (table 'users'): unknown column(s) 'salary'",
+        ),
+        (MEMBER_RULE.replace('["id", ', "["), "rule 1 (table 'users'): columns must keep the primary key ('id')"),
+        (MEMBER_RULE.replace('table = "users"', 'table = "payroll"'), "rule 1 (table 'payroll'): table 'payroll' does"),
+        ("[[rule]]\ntable = 'users'\nroles = []\n", "rule 1 (table 'users'): `roles` must be a non-empty list"),
+        ("[rules]\n", "unknown top-level key(s) rules"),
+        ("[[rule]\n", "not valid TOML"),
+    ],
+)
+def test_policy_check_names_the_rule_and_the_mistake(
+    cli: Cli, stream_db: Dsn, tmp_path: Path, text: str, message: str
+) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(text)
+    outcome = cli("policy", "check", str(policy), DATABASE_URL=stream_db.libpq())
+    assert outcome.returncode == 1
+    assert message in outcome.stderr, outcome.stderr
+
+
+def test_serve_refuses_a_policy_that_does_not_fit_the_database(stream_db: Dsn, tmp_path: Path) -> None:
+    """An unknown column stops `serve` with exit 2 before it binds; a policy without a token key is refused too."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text(MEMBER_RULE.replace('"version"]', '"version", "salary"]'))
+    env = {**os.environ, "DATABASE_URL": stream_db.libpq(), "AUTH_POLICY_FILE": str(policy), "LOG_LEVEL": "warning"}
+    result = run("serve", "--port", str(free_port()), env={**env, "AUTH_JWT_SECRET": "s" * 32}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "rule 1 (table 'users'): unknown column(s) 'salary'" in result.stderr
+    result = run("serve", "--port", str(free_port()), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "AUTH_POLICY_FILE needs a token key" in result.stderr
