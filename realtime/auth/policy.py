@@ -170,28 +170,34 @@ def trim(row: Row, view: RowView) -> Row:
 
 def condition_sql(condition: Condition, row: str, params: dict[str, Any]) -> str:
     """One condition as SQL over a jsonb row, with the filter language's typing: JSON-equal values are equal, an
-    ordering holds only between two numbers or two strings (strings by code point, hence COLLATE "C")."""
+    ordering holds only between two numbers or two strings (strings by code point, hence COLLATE "C"). Every
+    parameter is cast, so the statement's types never depend on the driver's guesses."""
 
-    def param(value: Any) -> str:
+    def param(value: Any, sql_type: str) -> str:
         name = f"p{len(params)}"
         params[name] = value
-        return f":{name}"
+        return f"CAST(:{name} AS {sql_type})"
 
-    column = row + "->" + param(condition.column)
+    def jsonb(value: Any) -> str:
+        return param(orjson.dumps(value).decode(), "jsonb")
+
+    name = param(condition.column, "text")
+    column = f"({row} -> {name})"
     op, value = condition.op, condition.value
-    if op in ("eq", "neq"):
-        jsonb = f"CAST({param(orjson.dumps(value).decode())} AS jsonb)"
-        return f"({column} {'=' if op == 'eq' else '<>'} {jsonb})"
+    if op in ("eq", "is"):
+        return f"({column} = {jsonb(value)})"
+    if op == "neq":
+        return f"({column} <> {jsonb(value)})"
     if op == "in":
-        options = ", ".join(f"CAST({param(orjson.dumps(v).decode())} AS jsonb)" for v in value)
-        return f"({column} IN ({options}))"
-    if op == "is":
-        return f"({column} = CAST({param(orjson.dumps(value).decode())} AS jsonb))"
+        return f"({column} IN ({', '.join(jsonb(v) for v in value)}))"
     symbol = {"lt": "<", "lte": "<=", "gt": ">", "gte": ">="}[op]
-    text = f"({row} ->> {param(condition.column)})"
     if isinstance(value, str):
-        return f'(jsonb_typeof({column}) = \'string\' AND {text} COLLATE "C" {symbol} {param(value)} COLLATE "C")'
-    return f"(jsonb_typeof({column}) = 'number' AND CAST({text} AS numeric) {symbol} CAST({param(value)} AS numeric))"
+        text = f"({row} ->> {name})"
+        return (
+            f'(jsonb_typeof({column}) = \'string\' AND {text} COLLATE "C" {symbol} {param(value, "text")} COLLATE "C")'
+        )
+    # Two jsonb numbers compare as numbers.
+    return f"(jsonb_typeof({column}) = 'number' AND {column} {symbol} {jsonb(value)})"
 
 
 class Policy:
