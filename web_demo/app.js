@@ -7,11 +7,21 @@
  * refuses it. The page takes the token out of the address bar at once, streams with it and sends it on every
  * REST request. Without one the page works as against an open server.
  *
+ * The same panel offers "Sign in as" a user id and role: the page asks `POST /auth/dev-token` for a token (a
+ * server signs them only with AUTH_DEV_TOKENS on; otherwise the route does not exist and the page says how to
+ * mint one with `realtime token`). The server's refusal of a token-less page is the one signal that tokens are
+ * on: the client's status becomes `unauthorized`, which shows the panel. Under a row-level policy the rows and
+ * columns the page shows are the ones the server sends for its token; a withheld column shows as a dash.
+ *
  * Hooks for browser tests (values of `data-testid`):
  *   status                 connection state; text is exactly `connecting`, `live`, `reconnecting`, `offline` or
  *                          `unauthorized` (the server refused the token, or there is none; the token form shows)
  *   token-form             the token form, shown only while the status is `unauthorized`, with token-input,
  *                          token-submit and token-message (why the server refused)
+ *   signin-form            "Sign in as", beside the token form: signin-sub (user id), signin-role (member|admin),
+ *                          signin-submit, and signin-message (why no token came, e.g. how to mint one instead)
+ *   identity               who the server says the token is (`<sub> · <role>`), shown once it accepted one,
+ *                          with sign-out (reloads the page without the token)
  *   seq                    last seq received by the table's subscription; `—` before the first
  *   subscription           state of the table's subscription; text is exactly `pending`, `live`, `retrying`
  *                          (the server answered `unavailable`; asked again after a delay) or `failed`
@@ -21,7 +31,8 @@
  *   users-body             the table body
  *   user-row               one per displayed user; `data-id` = user id, `data-flash` = insert|update while tinted
  *   user-row-removed       a deleted row during its fade-out (it is removed from the DOM right after)
- *   user-id, user-name, user-email, user-version, user-updated-at   the cells of a row
+ *   user-id, user-name, user-email, user-version, user-updated-at   the cells of a row; a cell of a column the
+ *                          server withheld (a row-level policy) has `data-withheld` and the text `—`
  *   edit, delete           per-row buttons while the row is read-only
  *   edit-name, edit-email, save, cancel    per-row inputs and buttons while the row is being edited
  *   row-error-name, row-error-email        field errors of a row being edited
@@ -232,15 +243,16 @@ function setError(target, input, message = '') {
 
 /**
  * An open inline editor. `version`, `originalName` and `originalEmail` are the row as it was when editing began:
- * the save is conditional on that version and sends only the fields the user changed from it.
+ * the save is conditional on that version and sends only the fields the user changed from it. `email` is null
+ * when the server withholds the column from this token: there is nothing to edit it from.
  * @typedef {object} RowEdit
  * @property {number} version
  * @property {string} originalName
  * @property {string} originalEmail
  * @property {HTMLInputElement} name
- * @property {HTMLInputElement} email
+ * @property {HTMLInputElement | null} email
  * @property {HTMLElement} nameError
- * @property {HTMLElement} emailError
+ * @property {HTMLElement | null} emailError
  * @property {HTMLButtonElement} save
  * @property {boolean} saving
  */
@@ -258,8 +270,8 @@ function fillCells(view, user) {
   view.tr.dataset.version = String(user.version);
   view.cells.id.textContent = String(user.id);
   if (!view.edit) {
-    view.cells.name.textContent = user.name;
-    view.cells.email.textContent = user.email;
+    showValue(view.cells.name, user.name);
+    showValue(view.cells.email, user.email);
   }
   view.cells.version.textContent = String(user.version);
   const updated = parseTime(user.updated_at);
@@ -269,6 +281,23 @@ function fillCells(view, user) {
     text: Number.isNaN(updated) ? user.updated_at : formatUpdated(updated),
   });
   view.cells.updated.replaceChildren(time);
+}
+
+/**
+ * Put a text column's value in its cell. A row-level policy may leave the column out of the rows this token
+ * gets: the cell then says so with a dash, rather than "undefined" or an empty cell that looks like data.
+ * @param {HTMLElement} cell @param {string | undefined} value
+ */
+function showValue(cell, value) {
+  if (value === undefined) {
+    cell.textContent = '—';
+    cell.dataset.withheld = '';
+    cell.title = 'not sent to this token';
+  } else {
+    cell.textContent = value;
+    delete cell.dataset.withheld;
+    cell.removeAttribute('title');
+  }
 }
 
 /** @param {User} user @returns {RowView} */
@@ -466,7 +495,7 @@ function editField(view, field) {
 function startEdit(view) {
   const id = view.user.id;
   const name = editField(view, 'name');
-  const email = editField(view, 'email');
+  const email = view.user.email === undefined ? null : editField(view, 'email');
   const save = /** @type {HTMLButtonElement} */ (h('button', { type: 'submit', class: 'btn btn-small btn-primary',
     testid: 'save', 'aria-label': `Save user ${id}`, text: 'Save' }));
   const form = h('form', { id: `row-${id}-form`, class: 'row-form', novalidate: true },
@@ -478,7 +507,8 @@ function startEdit(view) {
     saveEdit(view);
   });
   view.edit = { version: view.user.version, originalName: view.user.name, originalEmail: view.user.email,
-    name: name.input, email: email.input, nameError: name.error, emailError: email.error, save, saving: false };
+    name: name.input, email: email?.input ?? null, nameError: name.error, emailError: email?.error ?? null, save,
+    saving: false };
   view.buttons.replaceChildren(form);
   view.message.replaceChildren();
   view.tr.classList.add('editing');
@@ -520,13 +550,13 @@ async function saveEdit(view) {
   const edit = view.edit;
   if (!edit) return;
   setError(edit.nameError, edit.name);
-  setError(edit.emailError, edit.email);
+  if (edit.emailError) setError(edit.emailError, edit.email);
   view.message.replaceChildren();
   /** @type {{name?: string, email?: string}} */
   const body = {};
   if (edit.name.value !== edit.originalName) body.name = edit.name.value;
-  const email = edit.email.value.trim();
-  if (email !== edit.originalEmail) body.email = email;
+  const email = edit.email?.value.trim();
+  if (email !== undefined && email !== edit.originalEmail) body.email = email;
   if (Object.keys(body).length === 0) {
     stopEdit(view, true);
     return;
@@ -546,12 +576,12 @@ async function saveEdit(view) {
   if (result.status === 422) {
     const { byField, other } = fieldErrors(problem, ['name', 'email']);
     setError(edit.nameError, edit.name, byField.name);
-    setError(edit.emailError, edit.email, byField.email);
+    if (edit.emailError) setError(edit.emailError, edit.email, byField.email);
     if (other.length) rowMessage(view, other.join(' '));
-    (byField.name ? edit.name : edit.email).focus();
-  } else if (result.status === 409) {
+    (byField.name || !edit.email ? edit.name : edit.email).focus();
+  } else if (result.status === 409 && edit.emailError) {
     setError(edit.emailError, edit.email, describe(problem));
-    edit.email.focus();
+    edit.email?.focus();
   } else if (result.status === 412) {
     rowMessage(view, 'Someone else changed this user after you started editing.', { reload: true });
   } else if (result.status === 404) {
@@ -756,6 +786,8 @@ function subscribeTable(filter) {
     change(frame) {
       const arrivedAt = now();
       if (frame.op === 'DELETE') removeUser(/** @type {User} */ (frame.old).id);
+      // An update that took the row out of what this token may read comes with its key only.
+      else if (/** @type {any} */ (frame).view === 'removed') removeUser(/** @type {any} */ (frame).key.id);
       else upsert(/** @type {User} */ (frame.row), frame.op === 'INSERT' ? 'insert' : 'update');
       showSeq(frame.seq);
       logChange(frame, arrivedAt);
@@ -918,6 +950,7 @@ function wireConnection() {
     status.dataset.state = state;
     document.body.dataset.connection = state;
     $('token-panel').hidden = state !== 'unauthorized';
+    if (state === 'unauthorized') $('identity-box').hidden = true; // the server no longer takes that identity
     showSubscription(); // a lost connection makes the subscription pending until it is sent again
     logNote(said[state], state === 'live' ? 'info' : state === 'unauthorized' ? 'error' : 'warn');
   });
@@ -928,6 +961,24 @@ function wireConnection() {
     if (err.code === 'unauthorized' || err.code === 'forbidden') $('token-message').textContent = err.message;
     logNote(`${err.code}: ${err.message}`, 'error');
   });
+  rt.on('authenticated', ({ sub, role }) => {
+    // An open server answers `auth` with no identity: there is nobody to show.
+    $('identity-box').hidden = sub == null;
+    $('identity').textContent = role ? `${sub} · ${role}` : String(sub);
+  });
+  // The token lives only in this tab's memory (the fragment was taken out of the address bar), so a reload
+  // starts the page without one, ready to sign in as someone else.
+  $('sign-out').addEventListener('click', () => location.reload());
+}
+
+/**
+ * Start over with `value` as this page's token: a fresh page, so that a table read as someone else is never
+ * shown to (or resumed for) the new identity. The fragment is taken straight out of the address bar again.
+ * @param {string} value
+ */
+function startWithToken(value) {
+  location.hash = `token=${encodeURIComponent(value)}`;
+  location.reload();
 }
 
 function wireToken() {
@@ -947,15 +998,56 @@ function wireToken() {
       rt.connect();
       return;
     }
-    // This page started without a token, so its client sends none. Start over with it in the fragment, which
-    // the page takes straight out of the address bar again.
-    location.hash = `token=${encodeURIComponent(value)}`;
-    location.reload();
+    // This page started without a token, so its client sends none.
+    startWithToken(value);
+  });
+}
+
+/** "Sign in as": a development token from the server when it signs them, else how to mint one. */
+function wireSignIn() {
+  const form = /** @type {HTMLFormElement} */ ($('signin-form'));
+  const sub = /** @type {HTMLInputElement} */ ($('signin-sub'));
+  const role = /** @type {HTMLSelectElement} */ ($('signin-role'));
+  const submit = /** @type {HTMLButtonElement} */ (form.querySelector('[type="submit"]'));
+  const message = $('signin-message');
+  let busy = false;
+
+  form.addEventListener('submit', async (event) => {
+    event.preventDefault();
+    if (busy) return;
+    setError(message, sub);
+    const who = sub.value.trim();
+    if (!who) {
+      setError(message, sub, 'Enter the id of the user to sign in as.');
+      sub.focus();
+      return;
+    }
+    busy = true;
+    submit.setAttribute('aria-busy', 'true');
+    const result = await request('POST', '/auth/dev-token', { body: { sub: who, role: role.value } });
+    busy = false;
+    submit.removeAttribute('aria-busy');
+    if (result.ok) {
+      startWithToken(result.data.token);
+      return;
+    }
+    if (result.status === 404 || result.status === 405) {
+      // No such route: AUTH_DEV_TOKENS is off, as it is everywhere but a developer's machine.
+      message.replaceChildren(
+        'This server does not sign development tokens (AUTH_DEV_TOKENS is off). Where it runs, mint one with ',
+        h('code', { text: `realtime token --sub ${who} --role ${role.value}` }),
+        ' and paste it below.',
+      );
+      $('token-input').focus();
+      return;
+    }
+    setError(message, result.status === 422 ? sub : null, describe(result.problem));
   });
 }
 
 wireConnection();
 wireToken();
+wireSignIn();
 wireCreateForm();
 wireFilter();
 wireBurst();
