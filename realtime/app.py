@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime import __version__, health
+from realtime.auth import dev_tokens
 from realtime.auth.dependencies import declare_bearer_auth
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
 from realtime.auth.tokens import TokenVerifier
@@ -99,6 +100,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
     app.include_router(users_router)
+    if settings.auth_dev_tokens:
+        app.include_router(dev_tokens.router)
     if WEB_DEMO.is_dir():
         app.mount("/", DemoPagePolicy(StaticFiles(directory=WEB_DEMO, html=True)), name="web_demo")
     return app

@@ -130,8 +130,17 @@ def _authentication_refusal(settings: Settings) -> str | None:
     """Why `serve` must not start with these settings, or None; logs how it will authenticate.
 
     Serving open is today's behaviour on loopback; on an address other machines can reach it must be asked for
-    with AUTH_MODE=none, so that forgetting the token key never publishes every streamed table.
+    with AUTH_MODE=none, so that forgetting the token key never publishes every streamed table. AUTH_DEV_TOKENS
+    hands a token for any user to whoever asks, so it is refused there outright: no setting makes that safe.
     """
+    if settings.auth_dev_tokens:
+        if not _is_loopback(settings.host):
+            return (
+                f"realtime: refusing AUTH_DEV_TOKENS on {settings.host}, an address other machines can reach:"
+                " POST /auth/dev-token signs a token for any user to anyone who asks.\n"
+                "  Unset AUTH_DEV_TOKENS, or bind a loopback address (--host 127.0.0.1)."
+            )
+        _log.warning("AUTH_DEV_TOKENS is on: POST /auth/dev-token signs a token for any user (development only)")
     try:
         verifier = TokenVerifier.from_settings(settings)
     except (OSError, ValueError) as error:

@@ -200,6 +200,12 @@ class Settings(BaseSettings):
         default=10.0, gt=0, description="A WebSocket must authenticate within this time of opening, else 4001."
     )
     auth_policy_file: Path | None = Field(default=None, description="TOML file of the row-level policies.")
+    auth_dev_tokens: bool = Field(
+        default=False,
+        description="Development only: `POST /auth/dev-token` signs a token for any `sub` and `role` it is asked"
+        " for, with AUTH_JWT_SECRET (the demo page's sign-in picker uses it). Needs AUTH_JWT_SECRET; `serve`"
+        " refuses it on a HOST other than a loopback address.",
+    )
     auth_operator_roles: str = Field(
         default="operator",
         description="Roles (comma-separated) whose bearer token sees the details of /readyz when HEALTH_DETAILS is"
@@ -288,6 +294,15 @@ class Settings(BaseSettings):
             raise ValueError(f"set only one of {', '.join(sources)}: each is a different way to verify tokens")
         if sources and self.auth_mode == "none":
             raise ValueError(f"AUTH_MODE=none (serve open) contradicts {sources[0]} (verify tokens); unset one")
+        return self
+
+    @model_validator(mode="after")
+    def _dev_tokens_have_a_secret(self) -> Settings:
+        if self.auth_dev_tokens and self.auth_jwt_secret is None:
+            raise ValueError(
+                "AUTH_DEV_TOKENS needs AUTH_JWT_SECRET: dev tokens are signed with it (and tokens of an identity"
+                " provider, AUTH_JWKS_URL or AUTH_PUBLIC_KEY_FILE, come from that provider)"
+            )
         return self
 
     @model_validator(mode="after")
