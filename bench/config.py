@@ -42,6 +42,16 @@ class Sizes:
     # a 10,000-subscriber run stays within minutes. CPU is reported per change, so fewer changes still compare.
     filter_frame_budget: int
 
+    policy_subscribers: int  # each one authenticated as its own member, about its own row
+    policy_rate: float  # changes per second of the fixed-rate window (each one reaches one subscriber)
+    policy_seconds: float
+    policy_writers: int
+    policy_start: float  # changes (= deliveries) per second of the climb's first step
+    policy_factor: float
+    policy_step_seconds: float
+    policy_max_steps: int
+    policy_rows_per_commit: int  # each UPDATE changes this many rows, so commits are not the limit
+
 
 FULL = Sizes(
     rounds=2,
@@ -74,6 +84,15 @@ FULL = Sizes(
     # caught a whole round of pings that the sample had missed (0.5 ms per change of apparent growth).
     filter_idle_seconds=20,
     filter_frame_budget=300_000,
+    policy_subscribers=1_000,
+    policy_rate=2_000,
+    policy_seconds=20,
+    policy_writers=4,
+    policy_start=3_000,
+    policy_factor=1.5,
+    policy_step_seconds=6,
+    policy_max_steps=10,
+    policy_rows_per_commit=10,
 )
 
 QUICK = Sizes(
@@ -103,6 +122,15 @@ QUICK = Sizes(
     filter_rows_changed=2,
     filter_idle_seconds=1,
     filter_frame_budget=5_000,
+    policy_subscribers=50,
+    policy_rate=100,
+    policy_seconds=3,
+    policy_writers=2,
+    policy_start=200,
+    policy_factor=2,
+    policy_step_seconds=2,
+    policy_max_steps=3,
+    policy_rows_per_commit=5,
 )
 
 # The pass/fail lines every report checks realtime against.
@@ -117,6 +145,12 @@ REST_VS_SEED = 1.5
 # Server CPU per change may not grow by more than this between the smallest and largest filter run; the
 # slack absorbs the noise of a shared machine, a per-subscriber cost would grow 10-100x.
 FILTER_CPU_GROWTH = 1.5
+# Server CPU per delivered frame with per-user row-level rules, against the same frames without rules.
+POLICY_CPU_VS_UNRESTRICTED = 1.1
+# Supabase's published Postgres Changes throughput with RLS: 3,000 (Micro to Medium compute) to 4,000 (Large to
+# 16XL) messages/s in total, whatever the number of clients (supabase.com/docs/guides/realtime/benchmarks, the
+# estimator's table in apps/docs/data/realtime/throughput.json of supabase/supabase).
+SUPABASE_RLS_MESSAGES_PER_S = (3_000, 4_000)
 
 # Above this many deliveries a second one loadgen process gets busy; split the subscribers over two.
 SHARD_THRESHOLD = 8_000

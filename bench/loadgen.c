@@ -6,11 +6,15 @@
  * being measured, and on a shared two-core machine that inflated every contender's latency. Here the
  * user-space part is a fraction of a microsecond; what remains is the kernel's socket work.
  *
- *   loadgen HOST PORT PATH KIND FILTER_BASE CONCURRENCY LAT_PATH
+ *   loadgen HOST PORT PATH KIND FILTER_BASE CONCURRENCY LAT_PATH [TOKENS [FILTER_MODE]]
  *
  * KIND is `realtime` (send a subscribe message, wait for `subscribed`, check every `seq`) or `peer` (live
  * once connected, count and time only). FILTER_BASE is `-`, or the row id of subscriber 0: subscriber i
  * then filters on id FILTER_BASE + i (realtime asks the server to filter, a peer drops other rows itself).
+ * TOKENS is `-` or a file of bearer tokens, one per line: a realtime subscriber i first sends
+ * {"type":"auth","token":<line i>}, then its subscribe without waiting (the server handles a connection's
+ * frames in order). FILTER_MODE is `ask` (the default: the subscribe carries the id filter) or `check` (it
+ * does not, the server's row-level policy narrows it; a frame of another row still counts as `unexpected`).
  *
  * Commands, one per stdin line; each gets one JSON line on stdout:
  *   open FIRST COUNT      connect COUNT subscribers numbered FIRST.. (CONCURRENCY at a time)
@@ -47,6 +51,7 @@
 enum state { CONNECTING, UPGRADING, SUBSCRIBING, LIVE, DEAD };
 
 #define NAP_NS 1000000L               /* between polls while frames flow */
+#define MAX_TOKEN 1000                /* a token and its auth frame fit one client frame of send_frame */
 #define QUIET_BEFORE_BLOCKING_S 0.05 /* no frame for this long: block in epoll_wait again */
 
 typedef struct {
@@ -78,7 +83,9 @@ typedef struct {
 } window_t;
 
 static const char *host, *path, *lat_path;
-static int port, peer_kind, has_filter, concurrency;
+static int port, peer_kind, has_filter, ask_filter = 1, concurrency;
+static char **tokens; /* tokens[i]: subscriber i's bearer token, or NULL without TOKENS */
+static size_t ntokens;
 static long filter_base;
 static int ep;
 static sub_t **subs;
@@ -272,9 +279,17 @@ static void on_upgraded(sub_t *s) {
         go_live(s, 0);
         return;
     }
-    char msg[256];
+    char msg[MAX_TOKEN + 64];
     int n;
-    if (s->has_key) {
+    if (tokens) {
+        if (s->index < 0 || (size_t)s->index >= ntokens) {
+            kill_sub(s, "no token for this subscriber in TOKENS");
+            return;
+        }
+        n = snprintf(msg, sizeof msg, "{\"type\":\"auth\",\"token\":\"%s\"}", tokens[s->index]);
+        send_frame(s, 0x1, (const unsigned char *)msg, (size_t)n);
+    }
+    if (s->has_key && ask_filter) {
         n = snprintf(msg, sizeof msg,
                      "{\"type\":\"subscribe\",\"id\":\"b\",\"table\":\"users\","
                      "\"filter\":[{\"column\":\"id\",\"op\":\"eq\",\"value\":%ld}]}",
@@ -764,9 +779,43 @@ static int on_command(char *line) {
     return 1;
 }
 
+/* One token per line; a JWT is base64url and dots, so it goes into the auth frame's JSON string as is. */
+static int load_tokens(const char *file) {
+    FILE *f = fopen(file, "r");
+    if (!f) {
+        perror(file);
+        return 0;
+    }
+    char line[MAX_TOKEN + 2];
+    size_t cap = 0;
+    while (fgets(line, sizeof line, f)) {
+        size_t n = strcspn(line, "\r\n");
+        if (line[n] == 0 && !feof(f)) {
+            fprintf(stderr, "%s: token %zu is longer than %d bytes\n", file, ntokens, MAX_TOKEN);
+            fclose(f);
+            return 0;
+        }
+        line[n] = 0;
+        for (size_t i = 0; i < n; i++) {
+            unsigned char c = (unsigned char)line[i];
+            if (c <= 32 || c > 126 || c == '"' || c == '\\') {
+                fprintf(stderr, "%s: token %zu holds a character a JSON string would need escaped\n", file,
+                        ntokens);
+                fclose(f);
+                return 0;
+            }
+        }
+        tokens = grow(tokens, &cap, ntokens + 1, sizeof *tokens);
+        tokens[ntokens++] = strdup(line);
+    }
+    fclose(f);
+    return 1;
+}
+
 int main(int argc, char **argv) {
-    if (argc != 8) {
-        fprintf(stderr, "usage: %s HOST PORT PATH KIND FILTER_BASE CONCURRENCY LAT_PATH\n", argv[0]);
+    if (argc < 8 || argc > 10) {
+        fprintf(stderr, "usage: %s HOST PORT PATH KIND FILTER_BASE CONCURRENCY LAT_PATH [TOKENS [FILTER_MODE]]\n",
+                argv[0]);
         return 2;
     }
     host = argv[1];
@@ -777,6 +826,14 @@ int main(int argc, char **argv) {
     filter_base = has_filter ? atol(argv[5]) : 0;
     concurrency = atoi(argv[6]);
     lat_path = argv[7];
+    if (argc > 8 && strcmp(argv[8], "-") != 0 && !load_tokens(argv[8])) return 2;
+    if (argc > 9) {
+        if (strcmp(argv[9], "check") != 0 && strcmp(argv[9], "ask") != 0) {
+            fprintf(stderr, "FILTER_MODE must be ask or check, not %s\n", argv[9]);
+            return 2;
+        }
+        ask_filter = strcmp(argv[9], "ask") == 0;
+    }
     if (concurrency < 1) concurrency = 1;
     rng ^= (uint64_t)getpid() << 32 ^ (uint64_t)(now_wall() * 1e6);
 

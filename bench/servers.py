@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,21 +142,32 @@ def _open_log(log_dir: Path, name: str, port: int) -> tuple[Path, BinaryIO]:
 
 
 @asynccontextmanager
-async def running(spec: ServerSpec, log_dir: Path, workers: int = 1) -> AsyncIterator[RunningServer]:
-    """Run `spec` on a free loopback port until the block exits; the server is stopped even on errors."""
+async def running(
+    spec: ServerSpec, log_dir: Path, workers: int = 1, env: Mapping[str, str | None] | None = None
+) -> AsyncIterator[RunningServer]:
+    """Run `spec` on a free loopback port until the block exits; the server is stopped even on errors.
+
+    `env` adds to or overrides the server's environment (a None value removes the variable), e.g. the token key
+    and policy of a realtime run.
+    """
     if spec.name == "node":
         await ensure_node_modules()
     port = free_port()
     log_path, log = _open_log(log_dir, spec.name, port)
-    env = {**os.environ, "DATABASE_URL": dsn(spec.database), "PORT": str(port)}
+    server_env = {**os.environ, "DATABASE_URL": dsn(spec.database), "PORT": str(port)}
     if spec.name == "realtime":
         # Every subscriber of the load generator comes from 127.0.0.1, and the idle scenario holds 10,000+.
-        env.update(WS_MAX_CONNECTIONS_PER_CLIENT="1000000", WS_MAX_CONNECTIONS="1000000")
+        server_env.update(WS_MAX_CONNECTIONS_PER_CLIENT="1000000", WS_MAX_CONNECTIONS="1000000")
+    for name, value in (env or {}).items():
+        if value is None:
+            server_env.pop(name, None)
+        else:
+            server_env[name] = value
     try:
         proc = await asyncio.create_subprocess_exec(
             *spec.command(port, workers),
             cwd=REPO_DIR,
-            env=env,
+            env=server_env,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,

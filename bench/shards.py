@@ -20,10 +20,11 @@ import shutil
 import subprocess
 import tempfile
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from bench.servers import REPO_DIR, RunningServer
@@ -102,14 +103,33 @@ class _ShardProcess:
         return reply
 
 
+FilterMode = Literal["ask", "check"]
+
+
 class SubscriberPool:
+    """Subscribers spread over loadgen shards.
+
+    `filter_base`: subscriber i is about row `filter_base + i`; with `filter_mode` "ask" its subscribe filters on
+    that id, with "check" it subscribes to the whole table (a row-level policy narrows it) and any other row it
+    receives counts as unexpected. `tokens[i]`: subscriber i authenticates with it before subscribing.
+    """
+
     def __init__(
-        self, server: RunningServer, shards: int, *, filter_base: int | None = None, concurrency: int = 100
+        self,
+        server: RunningServer,
+        shards: int,
+        *,
+        filter_base: int | None = None,
+        concurrency: int = 100,
+        tokens: Sequence[str] | None = None,
+        filter_mode: FilterMode = "ask",
     ) -> None:
         self.server = server
         self.shard_count = max(1, shards)
         self.filter_base = filter_base
         self.concurrency = concurrency
+        self.tokens = tokens
+        self.filter_mode = filter_mode
         self.opened = 0
         self._shards: list[_ShardProcess] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="bench-loadgen-")
@@ -126,6 +146,11 @@ class SubscriberPool:
     async def start(self) -> None:
         binary = build_loadgen()
         url = urlsplit(self.server.ws_url)
+        tokens_path = "-"
+        if self.tokens is not None:
+            tokens_file = Path(self._tmp.name) / "tokens"
+            tokens_file.write_text("".join(f"{token}\n" for token in self.tokens))
+            tokens_path = str(tokens_file)
         for index in range(self.shard_count):
             proc = await asyncio.create_subprocess_exec(
                 str(binary),
@@ -136,6 +161,8 @@ class SubscriberPool:
                 "-" if self.filter_base is None else str(self.filter_base),
                 str(self.concurrency),
                 str(Path(self._tmp.name) / f"lat-{index}.bin"),
+                tokens_path,
+                self.filter_mode,
                 cwd=REPO_DIR,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

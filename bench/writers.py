@@ -3,6 +3,11 @@
 Writer w of K sends change i at start + (w + i*K) / rate. A writer that falls behind runs its next change
 at once instead of skipping it, and the worst slip is reported, so "offered" and "achieved" can be told apart
 when the database, not the server under test, is the limit.
+
+In "updates" mode a statement may update several rows (`rows_per_commit`): each row is a change of its own to
+the capture, so the change rate can go past what the database commits per second. Statement j then updates
+the next `rows_per_commit` ids after those of statement j - 1 (round robin over `ids`) and is due at
+start + j * rows_per_commit / rate.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ Mode = Literal["mixed", "updates"]
 
 _INSERT = "INSERT INTO users (name, email) VALUES ($1, $2) RETURNING id"
 _UPDATE = "UPDATE users SET name = $2, updated_at = now(), version = version + 1 WHERE id = $1"
+_UPDATE_MANY = "UPDATE users SET name = $2, updated_at = now(), version = version + 1 WHERE id = ANY($1::bigint[])"
 _DELETE = "DELETE FROM users WHERE id = $1"
 
 # One cycle keeps the table's size steady: as many rows come as go.
@@ -66,8 +72,14 @@ class ChangeWriters:
             await conn.close()
         self._conns = []
 
-    async def run(self, *, rate: float, seconds: float, ids: Sequence[int], mode: Mode = "mixed") -> WriteStats:
+    async def run(
+        self, *, rate: float, seconds: float, ids: Sequence[int], mode: Mode = "mixed", rows_per_commit: int = 1
+    ) -> WriteStats:
         """Commit about rate*seconds changes. `ids`: rows that exist (mixed) or the rows to update (updates)."""
+        if rows_per_commit > 1:
+            if mode != "updates":
+                raise ValueError("rows_per_commit > 1 needs mode='updates'")
+            return await self._run_batched(rate, seconds, ids, rows_per_commit)
         stats = WriteStats()
         # Inserted emails must be unique across runs that share a table without a reset in between.
         tag = f"r{time.time_ns() // 1000 % 10**12}"
@@ -92,6 +104,41 @@ class ChangeWriters:
                     await _one_change(conn, w, n, i, pool, ids, mode, tag, stats)
                 except asyncpg.PostgresError:
                     stats.failed += 1
+
+        await asyncio.gather(*(writer(w, c) for w, c in enumerate(self._conns)))
+        stats.seconds = time.monotonic() - start
+        return stats
+
+    async def _run_batched(self, rate: float, seconds: float, ids: Sequence[int], rows: int) -> WriteStats:
+        if rows > len(ids):
+            raise ValueError(f"rows_per_commit {rows} is more than the {len(ids)} ids to update")
+        stats = WriteStats()
+        tag = f"r{time.time_ns() // 1000 % 10**12}"
+        writers = len(self._conns)
+        statements = max(1, round(rate * seconds / rows))
+        start = time.monotonic() + 0.05
+
+        async def writer(w: int, conn: asyncpg.Connection) -> None:
+            for j in range(w, statements, writers):
+                due = start + j * rows / rate
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                else:
+                    stats.max_lag_s = max(stats.max_lag_s, -delay)
+                batch = [ids[(j * rows + k) % len(ids)] for k in range(rows)]
+                stats.offered += len(batch)
+                try:
+                    status = await conn.execute(_UPDATE_MANY, batch, f"upd {tag} {j}")
+                except asyncpg.PostgresError:
+                    stats.failed += len(batch)
+                    continue
+                if status == f"UPDATE {len(batch)}":
+                    stats.committed += len(batch)
+                    stats.by_key.update(batch)
+                    stats.ops["UPDATE"] += len(batch)
+                else:
+                    stats.failed += len(batch)
 
         await asyncio.gather(*(writer(w, c) for w, c in enumerate(self._conns)))
         stats.seconds = time.monotonic() - start

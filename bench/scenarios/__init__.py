@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.report import ScenarioResult
-from bench.scenarios import cpu, filters, idle, latency, rest, saturation, writecost
+from bench.scenarios import cpu, filters, idle, latency, policy, rest, saturation, writecost
 from bench.scenarios.common import Context
 
 SCENARIOS: dict[str, Callable[[Context], Awaitable[ScenarioResult]]] = {
@@ -16,4 +16,5 @@ SCENARIOS: dict[str, Callable[[Context], Awaitable[ScenarioResult]]] = {
     "write": writecost.run,
     "rest": rest.run,
     "filters": filters.run,
+    "policy": policy.run,
 }

@@ -55,8 +55,8 @@ class Context:
         return 2 if subscribers >= 2 and deliveries_per_s >= SHARD_THRESHOLD else 1
 
 
-def alternate(servers: list[ServerSpec], round_index: int) -> list[ServerSpec]:
-    """Odd rounds run the servers in reverse, so drift on a shared machine hits every server alike."""
+def alternate(servers: list[T], round_index: int) -> list[T]:
+    """Odd rounds run the servers (or variants) in reverse, so drift on a shared machine hits every one alike."""
     return list(reversed(servers)) if round_index % 2 else list(servers)
 
 
@@ -187,6 +187,7 @@ async def measure(
     idle_s: float = 0.0,
     warmup_s: float = 0.0,
     per_key: bool = False,
+    rows_per_commit: int = 1,
 ) -> StreamRun:
     """One measured window on an already running server with subscribers already open.
 
@@ -195,7 +196,7 @@ async def measure(
     """
     if warmup_s > 0:
         await pool.mark()
-        warm = await writers.run(rate=rate, seconds=warmup_s, ids=ids, mode=mode)
+        warm = await writers.run(rate=rate, seconds=warmup_s, ids=ids, mode=mode, rows_per_commit=rows_per_commit)
         await pool.collect(
             expected_per_sub=None if per_key else warm.committed,
             expected_by_key=dict(warm.by_key) if per_key else None,
@@ -215,7 +216,7 @@ async def measure(
     own_cpu = self_cpu_seconds()
     server_cpu.start()
     started = time.time()
-    writes = await writers.run(rate=rate, seconds=seconds, ids=ids, mode=mode)
+    writes = await writers.run(rate=rate, seconds=seconds, ids=ids, mode=mode, rows_per_commit=rows_per_commit)
     window = await pool.collect(
         expected_per_sub=None if per_key else writes.committed,
         expected_by_key=dict(writes.by_key) if per_key else None,

@@ -37,7 +37,7 @@ COLUMNS = [
 ]
 
 
-def _judge(run: StreamRun) -> tuple[bool, str | None]:
+def judge(run: StreamRun) -> tuple[bool, str | None]:
     """(did the server hold this step, why the climb stops here or None to go on)."""
     s = run.summary()
     if run.window.closes:
@@ -86,7 +86,7 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
                     warmup_s=2.0 if step == 0 and attempt == 1 else 0.0,
                 )
                 summary = one.summary()
-                held, why = _judge(one)
+                held, why = judge(one)
                 summary.update(held=held, stopped_by=why, attempt=attempt)
                 steps.append(summary)
                 print(

@@ -1,0 +1,331 @@
+"""Scenario 8: what row-level policies cost: server CPU per delivered frame and deliveries/s, with and without rules.
+
+realtime only, always with a token key (AUTH_JWT_SECRET), N subscribers authenticated as role `member`, subscriber
+i with `sub` = its row id i + 1. Three variants, which differ only in the policy file and the subscribe message:
+
+    filter        no AUTH_POLICY_FILE; each subscriber filters on `id = i + 1` itself. The baseline: the same
+                  frames reach the same sockets and the token work is the same, only the rules are missing
+    rule+filter   AUTH_POLICY_FILE = bench/policy.toml (a member reads the row whose id is its `sub`) and the
+                  same filter: the rule is checked on top of it
+    rule          the policy and no filter: only the rule narrows the subscription, which the hub indexes by
+                  the id the rule binds (the case where a rule evaluated per subscriber would cost O(N))
+
+Per variant and round, one server process and one set of subscribers (each row id owned by one subscriber, so
+every change reaches exactly one of them and deliveries/s = changes/s):
+
+    open: connect, auth, subscribe -> fixed rate: `policy_rate` changes/s for `policy_seconds` after 2 s unmeasured
+    (server CPU / frames delivered) -> climb: from `policy_start` changes/s, x `policy_factor` per step, judged like
+    the saturation scenario (p99 <= 100 ms, nothing lost, no slow-client close; writers or load generator at their
+    limit end the climb, and its result is then a lower bound)
+
+Every change is an UPDATE of one of the N rows, in statements of `policy_rows_per_commit` consecutive ids (round
+robin). Several rows per commit keep the database's commit rate, which on a shared machine lags first, out of
+the figures, and make the changes arrive in batches as they do under load, where the per-read cost is spread
+and a per-frame overhead shows most.
+
+Variants alternate in order from round to round; the report gives medians with the lowest and highest round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import db
+from bench.config import POLICY_CPU_VS_UNRESTRICTED, SATURATION_P99_MS, SUPABASE_RLS_MESSAGES_PER_S
+from bench.report import ScenarioResult, Target
+from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
+from bench.scenarios.saturation import judge
+from bench.servers import BENCH_DIR, REALTIME, running
+from bench.shards import FilterMode, OpenReport, SubscriberPool
+from bench.stats import median, ratio
+from bench.writers import ChangeWriters
+from realtime.auth.tokens import issue_token
+from realtime.config import Settings
+
+POLICY_FILE = BENCH_DIR / "policy.toml"
+ROLE = "member"
+TOKEN_TTL_S = 6 * 3600  # outlives any run: an expiring token would close its connection mid-window
+WARMUP_S = 2.0
+BASELINE = "filter"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    policy: Path | None
+    filter_mode: FilterMode  # "ask": the subscribe filters on the subscriber's id; "check": it does not
+
+
+VARIANTS = (
+    Variant(BASELINE, None, "ask"),
+    Variant("rule+filter", POLICY_FILE, "ask"),
+    Variant("rule", POLICY_FILE, "check"),
+)
+
+COLUMNS = [
+    "variant",
+    "round",
+    "subs",
+    "changes",
+    "deliv/s",
+    "p50 ms",
+    "p99 ms",
+    "lost",
+    "wrong",
+    "cpu ms/1k",
+    "held deliv/s",
+    "p99 ms @held",
+    "cpu ms/1k @held",
+    "stopped by",
+]
+
+
+def server_env(secret: str, policy: Path | None) -> dict[str, str | None]:
+    """A token key and nothing else that changes what a token means, so the harness's tokens are accepted."""
+    return {
+        "AUTH_MODE": "",
+        "AUTH_JWT_SECRET": secret,
+        "AUTH_JWKS_URL": "",
+        "AUTH_PUBLIC_KEY_FILE": "",
+        "AUTH_AUDIENCE": "",
+        "AUTH_ISSUER": "",
+        "AUTH_ROLE_CLAIM": "role",
+        "AUTH_POLICY_FILE": None if policy is None else str(policy),
+    }
+
+
+def member_tokens(secret: str, ids: list[int]) -> list[str]:
+    settings = Settings(
+        _env_file=None,
+        auth_jwt_secret=secret,
+        auth_jwks_url=None,
+        auth_public_key_file=None,
+        auth_audience=None,
+        auth_issuer=None,
+        auth_role_claim="role",
+    )
+    return [issue_token(settings, sub=str(i), role=ROLE, ttl_s=TOKEN_TTL_S, claims={}) for i in ids]
+
+
+async def climb(
+    ctx: Context, server_pid: int, pool: SubscriberPool, writers: ChangeWriters, opened: OpenReport, ids: list[int]
+) -> dict[str, Any]:
+    """Raise the change rate until a step is not held twice or the writers / load generator become the limit."""
+    sz = ctx.sizes
+    steps: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    stopped = "step budget"
+    target = sz.policy_start
+    for _ in range(sz.policy_max_steps):
+        held = False
+        for attempt_no in (1, 2):
+            one = await measure(
+                REALTIME,
+                server_pid,
+                pool,
+                opened,
+                writers,
+                rate=target,
+                seconds=sz.policy_step_seconds,
+                ids=ids,
+                mode="updates",
+                per_key=True,
+                rows_per_commit=sz.policy_rows_per_commit,
+            )
+            summary = one.summary()
+            held, why = judge(one)
+            summary.update(held=held, stopped_by=why, attempt=attempt_no)
+            steps.append(summary)
+            print(
+                f"     {one.deliveries_per_s:,.0f} deliv/s p99 {summary['latency_ms']['p99']:.1f} ms "
+                f"{'held' if held else 'not held'}" + (f", stop: {why}" if why else ""),
+                flush=True,
+            )
+            await asyncio.sleep(0.5)  # let queues and socket buffers empty before the next step
+            if held:
+                break
+        if held and (best is None or summary["deliveries_per_s"] > best["deliveries_per_s"]):
+            best = summary
+        if why is not None:
+            stopped = why
+            break
+        target *= sz.policy_factor
+    return {
+        "steps": steps,
+        "held_deliveries_per_s": best["deliveries_per_s"] if best else None,
+        "held_p99_ms": best["latency_ms"]["p99"] if best else None,
+        "held_cpu_ms_per_1k_frames": best["server_cpu_ms_per_1k_frames"] if best else None,
+        "stopped_by": stopped,
+    }
+
+
+async def one(ctx: Context, variant: Variant, secret: str, tokens: list[str]) -> dict[str, Any]:
+    sz = ctx.sizes
+    n = sz.policy_subscribers
+    ids = list(range(1, n + 1))
+    await db.reset_users(REALTIME.database, max(sz.seed_rows, n))
+    async with (
+        running(REALTIME, ctx.log_dir, ctx.workers, env=server_env(secret, variant.policy)) as server,
+        # Two shards from the start: the climb goes past what one keeps up with (SHARD_THRESHOLD).
+        SubscriberPool(server, ctx.shards or 2, filter_base=1, tokens=tokens, filter_mode=variant.filter_mode) as pool,
+        ChangeWriters(REALTIME.database, sz.policy_writers) as writers,
+    ):
+        opened = await pool.open(n)
+        require_open(REALTIME, n, opened)
+        await asyncio.sleep(1.0)
+        fixed: StreamRun = await measure(
+            REALTIME,
+            server.pid,
+            pool,
+            opened,
+            writers,
+            rate=sz.policy_rate,
+            seconds=sz.policy_seconds,
+            ids=ids,
+            mode="updates",
+            warmup_s=WARMUP_S,
+            per_key=True,
+            rows_per_commit=sz.policy_rows_per_commit,
+        )
+        print(
+            f"   {variant.name}: {fixed.summary()['server_cpu_ms_per_1k_frames'] or 0:.2f} µs CPU/frame "
+            f"at {fixed.deliveries_per_s:,.0f} deliv/s; climbing",
+            flush=True,
+        )
+        climbed = await climb(ctx, server.pid, pool, writers, opened, ids)
+    return {"variant": variant.name, "fixed": fixed.summary(), **climbed}
+
+
+def row(record: Mapping[str, Any]) -> list[Any]:
+    fixed = record["fixed"]
+    return [
+        record["variant"],
+        record["round"],
+        fixed["subscribers"],
+        fixed["changes_committed"],
+        fixed["deliveries_per_s"],
+        fixed["latency_ms"]["p50"],
+        fixed["latency_ms"]["p99"],
+        fixed["lost"],
+        fixed["unexpected"],
+        fixed["server_cpu_ms_per_1k_frames"],
+        record["held_deliveries_per_s"],
+        record["held_p99_ms"],
+        record["held_cpu_ms_per_1k_frames"],
+        record["stopped_by"],
+    ]
+
+
+async def run(ctx: Context) -> ScenarioResult:
+    sz = ctx.sizes
+    result = ScenarioResult(
+        name="policy",
+        title=f"row-level policies: {sz.policy_subscribers} members, each reading its own row "
+        f"({sz.policy_rate:g} changes/s for {sz.policy_seconds:g}s, then a climb with p99 <= {SATURATION_P99_MS:g} ms)",
+        params={
+            "subscribers": sz.policy_subscribers,
+            "rate": sz.policy_rate,
+            "seconds": sz.policy_seconds,
+            "writers": sz.policy_writers,
+            "climb_start": sz.policy_start,
+            "climb_factor": sz.policy_factor,
+            "climb_step_seconds": sz.policy_step_seconds,
+            "climb_max_steps": sz.policy_max_steps,
+            "climb_rows_per_commit": sz.policy_rows_per_commit,
+            "policy_file": POLICY_FILE.read_text(),
+            "variants": {v.name: {"policy": v.policy is not None, "filter": v.filter_mode == "ask"} for v in VARIANTS},
+            "workers": ctx.workers,
+        },
+        columns=COLUMNS,
+    )
+    if not ctx.contenders("realtime") or not await prepare(ctx, REALTIME):
+        result.notes.append("realtime is not among the servers or cannot run: nothing measured")
+        return result
+    secret = secrets.token_hex(32)
+    tokens = member_tokens(secret, list(range(1, sz.policy_subscribers + 1)))
+    for round_index in range(ctx.round_count()):
+        for variant in alternate(list(VARIANTS), round_index):
+            record = await attempt(result, f"{variant.name} round {round_index + 1}", one(ctx, variant, secret, tokens))
+            if record is None:
+                continue
+            record = {"round": round_index + 1, **record}
+            result.runs.append(record)
+            result.rows.append(row(record))
+    summarize(result)
+    return result
+
+
+def _spread(values: list[float | None]) -> dict[str, float | None]:
+    present = [v for v in values if v is not None]
+    return {
+        "median": median(present),
+        "min": min(present) if present else None,
+        "max": max(present) if present else None,
+    }
+
+
+def summarize(result: ScenarioResult) -> None:
+    by_variant: dict[str, list[dict[str, Any]]] = {}
+    for r in result.runs:
+        by_variant.setdefault(r["variant"], []).append(r)
+    for name, runs in by_variant.items():
+        result.summary[name] = {
+            "cpu_ms_per_1k_frames": _spread([r["fixed"]["server_cpu_ms_per_1k_frames"] for r in runs]),
+            "deliveries_per_s": _spread([r["fixed"]["deliveries_per_s"] for r in runs]),
+            "p50_ms": _spread([r["fixed"]["latency_ms"]["p50"] for r in runs]),
+            "p99_ms": _spread([r["fixed"]["latency_ms"]["p99"] for r in runs]),
+            "held_deliveries_per_s": _spread([r["held_deliveries_per_s"] for r in runs]),
+            "held_p99_ms": _spread([r["held_p99_ms"] for r in runs]),
+            "held_cpu_ms_per_1k_frames": _spread([r["held_cpu_ms_per_1k_frames"] for r in runs]),
+            "stopped_by": [r["stopped_by"] for r in runs],
+            "lost": sum(r["fixed"]["lost"] + sum(s["lost"] for s in r["steps"] if s["held"]) for r in runs),
+            "wrong": sum(r["fixed"]["unexpected"] + sum(s["unexpected"] for s in r["steps"]) for r in runs),
+        }
+    base = result.summary.get(BASELINE)
+    if base is None:
+        return
+    for variant in VARIANTS[1:]:
+        mine = result.summary.get(variant.name)
+        if mine is None:
+            continue
+        key = f"cpu per frame {variant.name}/{BASELINE}"
+        result.ratios[key] = ratio(mine["cpu_ms_per_1k_frames"]["median"], base["cpu_ms_per_1k_frames"]["median"])
+        result.ratios[f"held deliveries/s {variant.name}/{BASELINE}"] = ratio(
+            mine["held_deliveries_per_s"]["median"], base["held_deliveries_per_s"]["median"]
+        )
+        paired = _paired_ratios(result.runs, variant.name)
+        mine["cpu_per_frame_vs_baseline_by_round"] = paired
+        if paired:
+            result.notes.append(
+                f"cpu per frame {variant.name}/{BASELINE} round by round: " + ", ".join(f"{p:.2f}" for p in paired)
+            )
+        result.targets.append(Target(key, result.ratios[key], "<=", POLICY_CPU_VS_UNRESTRICTED))
+    low, high = SUPABASE_RLS_MESSAGES_PER_S
+    for name, per in result.summary.items():
+        held = per["held_deliveries_per_s"]["median"]
+        if held is not None:
+            result.ratios[f"held deliveries/s {name} / Supabase RLS ceiling {high:,}"] = held / high
+    result.notes.append(
+        f"Supabase's published Postgres Changes throughput with RLS: {low:,}-{high:,} messages/s in total; "
+        "a climb stopped by 'writers', 'loadgen' or 'step budget' is a lower bound"
+    )
+    wrong = sum(per["lost"] + per["wrong"] for per in result.summary.values())
+    result.targets.append(Target("lost + wrong deliveries (every variant)", float(wrong), "<=", 0))
+
+
+def _paired_ratios(runs: list[dict[str, Any]], name: str) -> list[float]:
+    """The variant's CPU per frame over the baseline's of the same round: rounds alternate, so drift cancels."""
+    by_round: dict[int, dict[str, float | None]] = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["variant"]] = r["fixed"]["server_cpu_ms_per_1k_frames"]
+    out = []
+    for per in by_round.values():
+        value = ratio(per.get(name), per.get(BASELINE))
+        if value is not None:
+            out.append(value)
+    return out
