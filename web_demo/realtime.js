@@ -64,8 +64,10 @@
  * @property {number} seq
  * @property {string} table
  * @property {Op} op
- * @property {Record<string, unknown>} [row]   absent for DELETE
- * @property {Record<string, unknown>} [old]   absent for INSERT
+ * @property {Record<string, unknown>} [row]   absent for DELETE (and when `view` is `removed`)
+ * @property {Record<string, unknown>} [old]   absent for INSERT (and for a row that moved into a policy's reach)
+ * @property {'removed'} [view]  a row-level policy: the row left what the token may read; delete it by `key`
+ * @property {Record<string, unknown>} [key]   with `view`: the row's primary key, all that is sent of it
  * @property {string} ts                        commit time, ISO 8601 UTC
  */
 
