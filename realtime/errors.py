@@ -74,6 +74,12 @@ def bearer_challenge(description: str) -> str:
     return f'Bearer error="invalid_token", error_description="{safe}"'
 
 
+class Forbidden(ProblemError):
+    """The caller is known but its role may not do this (a row-level policy, AUTH_POLICY_FILE, said so)."""
+
+    status, slug, title = 403, "forbidden", "Forbidden"
+
+
 class NotFound(ProblemError):
     status, slug, title = 404, "not-found", "Not found"
 

@@ -7,7 +7,7 @@ racing with the same expected version cannot both succeed.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from typing import Any
 
 from sqlalchemy import (
@@ -21,6 +21,7 @@ from sqlalchemy import (
     bindparam,
     delete,
     select,
+    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
@@ -109,6 +110,42 @@ async def page(db: AsyncConnection, after: int, limit: int) -> tuple[list[User],
     """Up to `limit` users with id > `after` in id order, and whether more follow."""
     rows = (await db.execute(_PAGE, {"after": after, "rows": limit + 1})).mappings().all()
     return [_user(row) for row in rows[:limit]], len(rows) > limit
+
+
+# Under a row-level policy, reads filter on the row as the stream renders it, so that the SQL test and the
+# policy's Python test (`Grant.covers`) judge the same values; `realtime.utc_jsonb` is that rendering. The
+# condition's text depends on the shape of a role's rules, not on its claim values (those are parameters), so a
+# few cached statements serve every caller; the bound is for `in` claims, whose length varies with the token.
+_u = users.alias("u")
+ROW_JSON = "realtime.utc_jsonb(u)"
+
+
+@lru_cache(maxsize=64)
+def _page_where(condition: str) -> Executable:
+    return select(_u).where(_u.c.id > bindparam("after"), text(condition)).order_by(_u.c.id).limit(bindparam("rows"))
+
+
+@lru_cache(maxsize=64)
+def _lock_where(condition: str) -> Executable:
+    return select(_u).where(_u.c.id == bindparam("user_id"), text(condition)).with_for_update()
+
+
+async def page_where(
+    db: AsyncConnection, after: int, limit: int, condition: str, params: dict[str, Any]
+) -> tuple[list[User], bool]:
+    """`page()` of the users for which `condition` (SQL over ROW_JSON, with named `params`) holds. Filtering in
+    the statement keeps keyset pagination exact: a page is short only when it is the last one."""
+    statement = _page_where(condition)
+    rows = (await db.execute(statement, {**params, "after": after, "rows": limit + 1})).mappings().all()
+    return [_user(row) for row in rows[:limit]], len(rows) > limit
+
+
+async def lock_where(db: AsyncConnection, user_id: int, condition: str, params: dict[str, Any]) -> User | None:
+    """The user if `condition` holds for it, locked until the transaction ends (FOR UPDATE), so that a write
+    checked against this row cannot race another writer. A row the condition excludes is not locked."""
+    statement = _lock_where(condition)
+    row = (await db.execute(statement, {**params, "user_id": user_id})).mappings().one_or_none()
+    return _user(row) if row is not None else None
 
 
 async def update_fields(

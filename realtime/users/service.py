@@ -39,6 +39,21 @@ def expected_versions(if_match: str | None) -> frozenset[int] | None:
     return frozenset(versions)
 
 
+def not_found(user_id: int) -> NotFound:
+    """The one 404 of a user id: a row a policy hides from the caller gets exactly this too."""
+    return NotFound(f"no user with id {user_id}")
+
+
+def precondition_failed(current: User, *, version_shown: bool = True) -> PreconditionFailed:
+    """If-Match named none of the user's tags. The current tag is given only to a caller who may read `version`."""
+    if not version_shown:
+        return PreconditionFailed(f"user {current.id} is not at a version If-Match names")
+    return PreconditionFailed(
+        f"user {current.id} is at version {current.version}; If-Match did not match",
+        headers={"ETag": etag(current)},
+    )
+
+
 def _email_taken(email: str) -> Conflict:
     return Conflict(f"a user with email {email!r} already exists")
 
@@ -53,7 +68,7 @@ async def create(db: AsyncConnection, body: UserCreate) -> User:
 async def get(db: AsyncConnection, user_id: int) -> User:
     user = await repository.get(db, user_id)
     if user is None:
-        raise NotFound(f"no user with id {user_id}")
+        raise not_found(user_id)
     return user
 
 
@@ -84,8 +99,5 @@ async def _why_not_found(db: AsyncConnection, user_id: int) -> NotFound | Precon
     """A conditional write touched no row: the row is gone (404) or its version moved on (412)."""
     current = await repository.get(db, user_id)
     if current is None:
-        return NotFound(f"no user with id {user_id}")
-    return PreconditionFailed(
-        f"user {user_id} is at version {current.version}; If-Match did not match",
-        headers={"ETag": etag(current)},
-    )
+        return not_found(user_id)
+    return precondition_failed(current)
