@@ -58,6 +58,13 @@ table = "users"
 roles = ["teammate"]
 actions = ["delete"]
 where = [{{ column = "name", op = "eq", claim = "team" }}, {{ column = "version", op = "eq", value = 1 }}]
+
+# Orderings, on a number bound to a claim and on a string, in SQL (lists) as in Python (one row).
+[[rule]]
+table = "users"
+roles = ["range"]
+actions = ["read"]
+where = [{{ column = "id", op = "gt", claim = "floor" }}, {{ column = "name", op = "lt", value = "N" }}]
 """
 MEMBER_COLUMNS = {"id", "name", "created_at", "updated_at", "version"}
 
@@ -310,3 +317,16 @@ async def test_the_admin_sees_and_does_everything(rest: httpx.AsyncClient) -> No
     patched = await rest.patch(f"/users/{second['id']}", json={"name": "locked"}, headers=ADMIN)
     assert patched.json()["name"] == "locked"
     assert (await rest.delete(f"/users/{second['id']}", headers=ADMIN)).status_code == 204
+
+
+async def test_ordering_rules_select_the_same_rows_in_lists_and_gets(rest: httpx.AsyncClient) -> None:
+    """`gt` on a claim-bound number and `lt` on a string pick the same rows in a list (SQL) and a GET (Python)."""
+    floor = (await create(rest))["id"]
+    users = {name: (await create(rest, name=name))["id"] for name in ("Alice", "Zed", "Mia", "Nora", "N", "MZ")}
+    headers = as_role("range", floor=floor)
+    page = await rest.get("/users", params={"after": floor - 1, "limit": 500}, headers=headers)
+    assert [item["id"] for item in page.json()["items"]] == [users["Alice"], users["Mia"], users["MZ"]]
+    for name, user_id in users.items():
+        response = await rest.get(f"/users/{user_id}", headers=headers)
+        assert response.status_code == (200 if name < "N" else 404), name
+    assert (await rest.get(f"/users/{floor}", headers=headers)).status_code == 404
