@@ -4,12 +4,10 @@ SQLAlchemy's asyncpg driver prepares every statement, and a prepared statement h
 scripts (functions with `$$` bodies, several DDL statements) go through asyncpg's simple-query path instead.
 """
 
-from pathlib import Path
-
 from alembic import op
 from sqlalchemy.util import await_only
 
-TRIGGERS = Path(__file__).resolve().parent.parent / "triggers"
+from realtime import resources
 
 
 def run_script(sql: str) -> None:
@@ -18,4 +16,4 @@ def run_script(sql: str) -> None:
 
 
 def run_trigger_file(relative: str) -> None:
-    run_script((TRIGGERS / relative).read_text())
+    run_script((resources.triggers() / relative).read_text())

@@ -13,7 +13,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
@@ -21,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from realtime import __version__, health
+from realtime import __version__, health, resources
 from realtime.auth import dev_tokens
 from realtime.auth.dependencies import declare_bearer_auth
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
@@ -36,7 +35,6 @@ from realtime.stream.endpoint import stream
 from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
 
-WEB_DEMO = Path(__file__).resolve().parent.parent / "web_demo"
 _log = logging.getLogger(__name__)
 
 
@@ -102,8 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(users_router)
     if settings.auth_dev_tokens:
         app.include_router(dev_tokens.router)
-    if WEB_DEMO.is_dir():
-        app.mount("/", DemoPagePolicy(StaticFiles(directory=WEB_DEMO, html=True)), name="web_demo")
+    app.mount("/", DemoPagePolicy(StaticFiles(directory=resources.web_demo(), html=True)), name="web_demo")
     return app
 
 

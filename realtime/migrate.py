@@ -1,23 +1,20 @@
-"""Apply or revert the Alembic migrations under `migrations/` against a given database."""
+"""Apply or revert the Alembic migrations (`migrations/`, shipped as `realtime._migrations`) against a database."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 
+from realtime import resources
 from realtime.dsn import Dsn
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MIGRATIONS = REPO_ROOT / "migrations"
 
 
 def alembic_config(url: Dsn) -> Config:
+    # No sys.path entry: the migrations import their helper as `realtime._migrations`, importable wherever
+    # realtime is, so nothing beside the package (a checkout's other folders) lands on the import path.
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("script_location", str(resources.migrations()))
     config.set_main_option("path_separator", "os")
-    config.set_main_option("prepend_sys_path", str(REPO_ROOT))
     # ConfigParser interpolation would treat a '%' in a password as a placeholder.
     config.set_main_option("sqlalchemy.url", url.sqlalchemy().replace("%", "%%"))
     return config

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.sql_script import run_trigger_file
+from realtime._migrations.sql_script import run_trigger_file
 
 revision: str = "0002_capture"
 down_revision: str | None = "0001_users"

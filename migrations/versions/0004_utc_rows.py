@@ -7,7 +7,7 @@ Create Date: 2026-11-26
 
 from collections.abc import Sequence
 
-from migrations.sql_script import run_trigger_file
+from realtime._migrations.sql_script import run_trigger_file
 
 revision: str = "0004_utc_rows"
 down_revision: str | None = "0003_shared_capture"
