@@ -293,7 +293,8 @@ async def test_ws_expiry_closes_4001_with_last_seq_and_a_reconnect_loses_nothing
 ) -> None:
     """At exp the server closes 4001 `token expired; last_seq=N`; a new token and `since` N resume with no loss."""
     table = await create_streamed_table(db)
-    client = await authenticated(secured.ws_url, make_token(ttl=3))
+    # exp is whole seconds, so this token lives 4 to 5 s: room for the subscribe and one change on a busy machine.
+    client = await authenticated(secured.ws_url, make_token(ttl=5))
     try:
         await client.subscribe("s1", table)
         await db.execute(f"INSERT INTO {table} (k) VALUES (1)")
