@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response, status
+from fastapi import APIRouter, Header, Path, Query, Request, Response, status
 
-from realtime.auth.dependencies import authenticate
 from realtime.auth.policy import Policy
 from realtime.db import ReadConnectionDep, TransactionDep
 from realtime.errors import PROBLEM_JSON, RETRY_AFTER_S, Problem
@@ -37,8 +36,9 @@ _AUTH: dict[int | str, dict[str, Any]] = {
     },
 }
 
-# Every route of the resource is behind the bearer token: decided here once, not route by route.
-router = APIRouter(prefix="/users", tags=["users"], dependencies=[Depends(authenticate)], responses=_AUTH)
+# Every route of the resource is behind the bearer token when the server has a token key: the app includes the
+# router with `authenticate` as a dependency then (realtime/app.py), decided once, not route by route.
+router = APIRouter(prefix="/users", tags=["users"], responses=_AUTH)
 
 UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="The user's id.")]
 IfMatch = Annotated[
