@@ -33,6 +33,9 @@ class ServerProcess:
     log_path: Path
     workers: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    # The `realtime` command to run and where: this checkout's by default, or e.g. an installed wheel's script.
+    program: list[str] = field(default_factory=lambda: [sys.executable, "-m", "realtime"])
+    cwd: Path | None = None
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -53,11 +56,13 @@ class ServerProcess:
             **self.env,
         }
         command = [
-            sys.executable, "-m", "realtime", "serve",
+            *self.program, "serve",
             "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(command, env=environment, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                command, env=environment, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT
+            )
         self.wait_ready(timeout)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
