@@ -1,9 +1,9 @@
 """The package stands alone: a wheel built from the sources, installed in a fresh venv, migrates, serves and streams
 from a directory that is not the checkout.
 
-The cost is paid once per module (about 15 s with pip's cache warm from `make install`, plus a server start): building the wheel in a
-copy of the sources (pip's build isolation fetches setuptools), a venv, and installing the wheel with its
-dependencies, from pip's cache when it has them, else from PyPI.
+The cost is paid once per module, about 15 s with pip's cache warm from `make install` (plus a server start):
+building the wheel in a copy of the sources (pip's build isolation fetches setuptools), a venv, and installing the
+wheel with its dependencies, from pip's cache when it has them, else from PyPI.
 """
 
 from __future__ import annotations
