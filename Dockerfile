@@ -1,11 +1,8 @@
 # syntax=docker/dockerfile:1
 #
-# Two stages: the builder installs the dependencies and the `realtime` command into /opt/venv; the runtime
-# image copies that venv and the source tree into /app and runs as an unprivileged user.
-#
-# The code runs from /app, not from the venv's site-packages: `realtime.migrate` finds migrations/ (and the
-# migrations find triggers/, the app finds web_demo/) next to the imported package, so PYTHONPATH=/app makes
-# the package that is imported the one with those directories beside it.
+# Two stages: the builder installs the dependencies and the realtime package into /opt/venv; the runtime image
+# copies that venv alone and runs as an unprivileged user. The package carries its migrations, capture SQL and
+# demo page (pyproject.toml maps them in), so the image holds no source tree and needs no PYTHONPATH.
 
 FROM python:3.11-slim AS builder
 
@@ -19,15 +16,17 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
         > requirements.txt \
     && /opt/venv/bin/pip install -r requirements.txt
 
-# Then the project itself, for its `realtime` console script (its modules are shadowed by /app, see above).
+# Then the project itself: `pip install .` builds a wheel from these folders and installs it.
 COPY realtime/ realtime/
+COPY migrations/ migrations/
+COPY triggers/ triggers/
+COPY web_demo/ web_demo/
 RUN /opt/venv/bin/pip install --no-deps .
 
 
 FROM python:3.11-slim AS runtime
 
 ENV PATH=/opt/venv/bin:$PATH \
-    PYTHONPATH=/app \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOST=0.0.0.0 \
@@ -42,13 +41,9 @@ RUN groupadd --system --gid 10001 realtime \
     && mkdir /data \
     && chown realtime:realtime /data
 
+# /app is only the working directory (where a `.env` file would be read), empty and read-only to the user.
 WORKDIR /app
 COPY --from=builder /opt/venv /opt/venv
-COPY realtime/ realtime/
-COPY migrations/ migrations/
-COPY triggers/ triggers/
-COPY web_demo/ web_demo/
-COPY alembic.ini pyproject.toml ./
 
 USER realtime
 EXPOSE 8000
