@@ -14,7 +14,6 @@ so a database that stops answering costs a request POOL_TIMEOUT, after which it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
@@ -124,55 +123,80 @@ class DatabaseTimeout(TimeoutError):
     """The database did not answer within the deadline of the work that needed it."""
 
 
-@contextlib.asynccontextmanager
-async def bounded_connection(engine: AsyncEngine, seconds: float) -> AsyncIterator[AsyncConnection]:
+class bounded_connection:
     """A pooled connection that is got, used and given back within `seconds`, or DatabaseTimeout is raised.
 
-    Getting it is cancelled at the deadline; once it is held, the deadline aborts its socket instead, so that
+    One timer covers both phases. While the connection is being got, the deadline cancels the waiting task (and
+    the cancellation becomes DatabaseTimeout); once it is held, the deadline aborts its socket instead, so that
     whatever is in flight fails with a connection error and SQLAlchemy's own error path invalidates it. A task
     cancelled in the middle of a statement would have SQLAlchemy close the connection politely, which waits on the
-    silent server. Costs a timer per request and no round trip.
+    silent server. A class rather than a generator-based context manager, and no asyncio.timeout: this runs on
+    every REST request, and each of those layers cost a timer or a generator round trip more.
     """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + seconds
-    connecting = engine.connect()
-    try:
-        async with asyncio.timeout_at(deadline):
-            conn = await connecting.__aenter__()
-    except TimeoutError as error:
-        raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
-    # Looked up now: once SQLAlchemy has invalidated the connection, asking for it would try to reconnect.
-    assert conn.sync_connection is not None
-    driver: asyncpg.Connection = conn.sync_connection.connection.driver_connection
-    overran = False
 
-    def abort() -> None:
-        nonlocal overran
-        overran = True
-        driver.terminate()
+    __slots__ = ("_connecting", "_driver", "_overran", "_seconds", "_task", "_timer", "conn")
 
-    timer = loop.call_at(deadline, abort)
-    try:
-        yield conn
-    except DATABASE_ERRORS as error:
-        if isinstance(error, TimeoutError) and not overran:
-            # asyncpg's own command timeout: the connection is left waiting on a cancel request that a silent
-            # server does not answer either, so it is not fit to be used again.
-            driver.terminate()
-        if driver.is_closed():
-            await conn.invalidate()  # the pool would otherwise hand out the closed connection again
-        if overran:
-            raise DatabaseTimeout(f"no answer within {seconds:g}s") from error
-        raise
-    finally:
-        timer.cancel()
+    def __init__(self, engine: AsyncEngine, seconds: float) -> None:
+        self._connecting = engine.connect()
+        self._seconds = seconds
+        self._driver: asyncpg.Connection | None = None
+        self._overran = False
+        self._task: asyncio.Task[Any] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def __aenter__(self) -> AsyncConnection:
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._timer = loop.call_at(loop.time() + self._seconds, self._deadline)
         try:
+            conn = await self._connecting.__aenter__()
+        except asyncio.CancelledError:
+            if self._overran and self._task is not None and self._task.uncancel() == 0:
+                raise DatabaseTimeout(f"no answer within {self._seconds:g}s") from None
+            self._timer.cancel()
+            raise
+        except BaseException:
+            self._timer.cancel()
+            raise
+        if self._overran:  # the deadline came as the connection arrived: this task was cancelled, then not
+            self._task.uncancel()  # type: ignore[union-attr]
+            await self._connecting.__aexit__(None, None, None)
+            raise DatabaseTimeout(f"no answer within {self._seconds:g}s")
+        # Looked up now: once SQLAlchemy has invalidated the connection, asking for it would try to reconnect.
+        assert conn.sync_connection is not None
+        self._driver = conn.sync_connection.connection.driver_connection
+        self.conn = conn
+        return conn
+
+    def _deadline(self) -> None:
+        self._overran = True
+        if self._driver is None:
+            assert self._task is not None
+            self._task.cancel()
+        else:
+            self._driver.terminate()
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: Any) -> None:
+        assert self._timer is not None
+        assert self._driver is not None
+        self._timer.cancel()
+        driver, conn = self._driver, self.conn
+        try:
+            if error is not None and isinstance(error, DATABASE_ERRORS):
+                if isinstance(error, TimeoutError) and not self._overran:
+                    # asyncpg's own command timeout: the connection is left waiting on a cancel request that a
+                    # silent server does not answer either, so it is not fit to be used again.
+                    driver.terminate()
+                if driver.is_closed():
+                    await conn.invalidate()  # the pool would otherwise hand out the closed connection again
+                if self._overran:
+                    raise DatabaseTimeout(f"no answer within {self._seconds:g}s") from error
             # Closed by the deadline after the work ended without noticing, or by a cancelled reader that dropped
             # it mid-statement (the stream's reads do): never pool it again.
-            if (overran or driver.is_closed()) and not conn.invalidated:
+            elif (self._overran or driver.is_closed()) and not conn.invalidated:
                 await conn.invalidate()
         finally:
-            await connecting.__aexit__(None, None, None)
+            await self._connecting.__aexit__(None, None, None)
 
 
 # The lifespan state is read from the scope's dict rather than through `request.state`, whose attributes each
