@@ -20,7 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from realtime import __version__, health, resources
+from realtime import __version__, health, resources, supervision
 from realtime.auth import dev_tokens
 from realtime.auth.dependencies import authenticate, declare_bearer_auth
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
@@ -84,6 +84,7 @@ def create_app(settings: Settings) -> FastAPI:
                 await stream.stop()
         finally:
             await engine.dispose()
+            supervision.end_if_dead()  # a worker whose pipeline task died exits non-zero here, to be restarted
 
     app = RealtimeApp(
         guard,

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from realtime import migrate
+from realtime import migrate, supervision
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, Policy, PolicyError, describe, load_bound_policy, load_policy
 from realtime.auth.tokens import TokenVerifier, issue_token
 from realtime.config import Settings, get_settings
@@ -92,6 +92,9 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["DATABASE_URL"] = url.libpq()
         os.environ["HOST"] = settings.host
         get_settings.cache_clear()
+        # With one worker the app runs in this very process: if a task of its pipeline dies, the exit status is
+        # returned from here, after the `finally` blocks (an embedded PostgreSQL is stopped), not set by the app.
+        supervision.caller_takes_exit_status()
         uvicorn.run(
             "realtime.app:create_app_from_env",
             factory=True,
@@ -114,7 +117,15 @@ def _serve(args: argparse.Namespace) -> int:
             proxy_headers=bool(settings.forwarded_allow_ips),
             forwarded_allow_ips=settings.forwarded_allow_ips,
         )
-    return 0
+    return _served()
+
+
+def _served() -> int:
+    """The exit status of a `serve` that has stopped: 0, or supervision.EXIT_STATUS when a task it ran died."""
+    status = supervision.exit_status()
+    if status:
+        _log.critical("exiting with status %d: %s", status, supervision.death())
+    return status
 
 
 def _is_loopback(host: str) -> bool:
@@ -408,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except _Terminated:
         # Stopping is what SIGTERM asks of a server; for a one-shot command it means the work was cut short.
-        return 0 if args.command == "serve" else 128 + signal.SIGTERM
+        return _served() if args.command == "serve" else 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous)
 

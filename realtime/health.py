@@ -37,7 +37,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get(
     "/readyz",
-    summary="The database is reachable and the change listener is live",
+    summary="The database is reachable, the change listener is live and no background task has died",
     responses={503: {"description": "Not ready; to a caller allowed the details, the body says which part is not"}},
 )
 async def readyz(request: Request) -> JSONResponse:
@@ -50,11 +50,14 @@ async def readyz(request: Request) -> JSONResponse:
     )
     stream: StreamPipeline = request.state.stream
     listener = stream.listener.status()
-    ready = database == "ok" and listener["state"] == "live"
+    # A dead background task makes the process not ready for good: it is shutting down to be restarted.
+    ready = database == "ok" and listener["state"] == "live" and stream.failure is None
     status = "ready" if ready else "not_ready"
     body: dict[str, Any] = {"status": status}
     if details:
         body = {"database": _without_password(database, settings.database_url), "listener": listener, **body}
+        if stream.failure is not None:
+            body["failure"] = stream.failure
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

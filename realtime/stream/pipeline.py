@@ -5,7 +5,11 @@ Lifecycle:
             SIGTERM/SIGINT handler so WebSockets are closed with 1012 and their resume position before the
             server starts tearing connections down
     run     endpoint sessions register subscriptions with the hub and read history through `reads`
-    stop    every WebSocket closed with 1012 (bounded by SHUTDOWN_TIMEOUT_S), then background tasks cancelled
+    died    a background task that ends on its own (they run until cancelled) is a fault: `failure` says which
+            and of what, /readyz answers 503 from then on, and the process shuts down to be restarted
+            (realtime/supervision.py)
+    stop    every WebSocket closed with 1012 (bounded by SHUTDOWN_TIMEOUT_S), then background tasks cancelled;
+            what a task died of (or raised while being cancelled) is raised again once all is stopped
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from realtime import supervision
 from realtime.auth.policy import Policy
 from realtime.config import Settings
 from realtime.db import DATABASE_ERRORS, bounded_connection
@@ -68,6 +73,10 @@ class StreamPipeline:
         self.flusher = Flusher()
         self._tasks: list[asyncio.Task[None]] = []
         self._previous_handlers: dict[int, Any] = {}
+        # Which task died and of what ("realtime-pruner: TypeError: ..."), for /readyz; None while all run.
+        self.failure: str | None = None
+        self._death: Exception | None = None
+        self._stopping = False
 
     @contextlib.asynccontextmanager
     async def connection(self, seconds: float | None = None) -> AsyncIterator[asyncpg.Connection]:
@@ -94,10 +103,11 @@ class StreamPipeline:
             asyncio.create_task(self._pruner(), name="realtime-pruner"),
         ]
         for task in self._tasks:
-            task.add_done_callback(_crash_loudly)
+            task.add_done_callback(self._supervise)
         self._chain_signal_handlers()
 
     async def stop(self) -> None:
+        self._stopping = True
         self._restore_signal_handlers()
         self.hub.close_all(CLOSE_RESTARTING, "restarting", self.settings.shutdown_timeout_s)
         with contextlib.suppress(TimeoutError):
@@ -105,7 +115,36 @@ class StreamPipeline:
                 await self.hub.no_connections.wait()
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        results = await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Gathered so that every task is finished before anything is raised; then nothing is swallowed: the
+        # lifespan ends in error and the server reports a failed shutdown instead of a clean one.
+        errors = [result for result in results if isinstance(result, Exception)]
+        if not errors and self._death is not None:
+            errors = [self._death]  # a task that returned: nothing to gather, but it died all the same
+        if len(errors) == 1:
+            raise errors[0]
+        if errors:
+            raise ExceptionGroup("stream pipeline tasks failed", errors)
+
+    def _supervise(self, task: asyncio.Task[None]) -> None:
+        """A task ended other than by stop()'s cancel: without it the process would go on serving broken (no
+        changes delivered, stuck sends never cut, the changelog never pruned), so it is ended to be restarted."""
+        if task.cancelled() or self._stopping:
+            return
+        error = task.exception()
+        if error is None:
+            error = RuntimeError(f"{task.get_name()} returned, and it must run until stopped")
+        elif not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: the loop itself is ending
+            return
+        _log.critical(
+            "background task %s died; /readyz answers 503 and the process shuts down to be restarted",
+            task.get_name(),
+            exc_info=error,
+        )
+        if self._death is None:
+            self._death = error
+            self.failure = f"{task.get_name()}: {type(error).__name__}: {error}"
+            supervision.task_died(self.failure)
 
     def _chain_signal_handlers(self) -> None:
         """Close WebSockets with 1012 + last seq the moment a stop signal arrives, then let the server's own
@@ -155,8 +194,3 @@ class StreamPipeline:
                 continue
             if deleted:
                 _log.info("pruned %d changelog rows", deleted)
-
-
-def _crash_loudly(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        _log.critical("background task %s died", task.get_name(), exc_info=task.exception())
