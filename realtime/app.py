@@ -31,6 +31,7 @@ from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
 from realtime.origins import DemoPagePolicy, Guard, HttpGuard
+from realtime.request_id import RequestId
 from realtime.stream.endpoint import stream
 from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
@@ -124,7 +125,8 @@ class RealtimeApp(FastAPI):
         self.guard = guard
 
     def build_middleware_stack(self) -> ASGIApp:
-        return HttpGuard(super().build_middleware_stack(), self.guard)
+        # The request id outside everything, so that a refused Host's answer and its log lines carry it too.
+        return RequestId(HttpGuard(super().build_middleware_stack(), self.guard))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + STREAM_PATH:

