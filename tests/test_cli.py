@@ -142,7 +142,8 @@ def _capture_triggers(url: Dsn, table: str) -> object:
 
 
 def test_stream_enable_list_disable(cli: Cli, stream_db: Dsn, tmp_path: Path) -> None:
-    """A table with a primary key can be enabled (twice, harmlessly), is listed and captured, and can be disabled."""
+    """A table with a primary key can be enabled (twice, harmlessly), is listed and captured (rows and TRUNCATE),
+    and can be disabled."""
     url = stream_db.libpq()
     assert cli("stream", "list", DATABASE_URL=url).stdout.split() == ["public.users"]
 
@@ -152,16 +153,18 @@ def test_stream_enable_list_disable(cli: Cli, stream_db: Dsn, tmp_path: Path) ->
     assert (enabled.returncode, enabled.stdout) == (0, "enabled streaming of things\n"), enabled.stderr
     assert cli("stream", "enable", "things").returncode == 0
     assert cli("stream", "list").stdout.split() == ["public.things", "public.users"]
-    assert _capture_triggers(stream_db, "things") == 1
+    assert _capture_triggers(stream_db, "things") == 2
     asyncio.run(_execute(stream_db, "INSERT INTO things VALUES (1, 'captured')"))
     assert _captured_changes(stream_db, "things") == 1
+    asyncio.run(_execute(stream_db, "TRUNCATE things"))
+    assert _captured_changes(stream_db, "things") == 2
 
     disabled = cli("stream", "disable", "public.things")
     assert (disabled.returncode, disabled.stdout) == (0, "disabled streaming of public.things\n")
     assert cli("stream", "list").stdout.split() == ["public.users"]
     assert _capture_triggers(stream_db, "things") == 0
-    asyncio.run(_execute(stream_db, "INSERT INTO things VALUES (2, 'not captured')"))
-    assert _captured_changes(stream_db, "things") == 1
+    asyncio.run(_execute(stream_db, "INSERT INTO things VALUES (2, 'not captured'); TRUNCATE things"))
+    assert _captured_changes(stream_db, "things") == 2
 
 
 def test_dropped_streamed_table_is_flagged_and_can_be_disabled(cli: Cli, stream_db: Dsn) -> None:

@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0004_utc_rows"
+HEAD = "0005_truncate_capture"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -40,6 +40,9 @@ async def _objects(url: Dsn) -> dict[str, object]:
             "users_touch": await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = 'users_touch'"),
             "capture_triggers": await conn.fetchval(
                 "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture'"
+            ),
+            "truncate_triggers": await conn.fetchval(
+                "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture_truncate'"
             ),
             "functions": [
                 row[0]
@@ -77,18 +80,32 @@ CAPTURE_V2_FUNCTIONS = [
     "realtime.release_position()",
     "realtime.stable_position()",
 ]
+CAPTURE_V3_FUNCTIONS = [*CAPTURE_V2_FUNCTIONS, "realtime.utc_jsonb(anyelement)"]
 MIGRATED = {
     "users": True,
     "schema": 1,
     "users_touch": 1,
     "capture_triggers": 1,
-    "functions": [*CAPTURE_V2_FUNCTIONS, "realtime.utc_jsonb(anyelement)"],
+    "truncate_triggers": 1,
+    "functions": [
+        "realtime.capture()",
+        "realtime.capture_truncate()",
+        "realtime.disable_stream(regclass)",
+        "realtime.enable_stream(regclass)",
+        "realtime.hold_position()",
+        "realtime.prune(interval,bigint,bigint)",
+        "realtime.queue_truncate()",
+        "realtime.release_position()",
+        "realtime.stable_position()",
+        "realtime.utc_jsonb(anyelement)",
+    ],
     "streamed": ["public.users"],
     "revision": HEAD,
 }
-CAPTURE_V2 = {**MIGRATED, "functions": CAPTURE_V2_FUNCTIONS, "revision": "0003_shared_capture"}
+CAPTURE_V3 = {**MIGRATED, "truncate_triggers": 0, "functions": CAPTURE_V3_FUNCTIONS, "revision": "0004_utc_rows"}
+CAPTURE_V2 = {**CAPTURE_V3, "functions": CAPTURE_V2_FUNCTIONS, "revision": "0003_shared_capture"}
 CAPTURE_V1 = {
-    **MIGRATED,
+    **CAPTURE_V2,
     "functions": [
         "realtime.capture()",
         "realtime.disable_stream(regclass)",
@@ -102,6 +119,7 @@ EMPTY = {
     "schema": 0,
     "users_touch": 0,
     "capture_triggers": 0,
+    "truncate_triggers": 0,
     "functions": [],
     "streamed": None,
     "revision": None,
@@ -119,20 +137,106 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Each revision's downgrade undoes exactly that revision: capture v3 to v2 to v1, then the realtime schema."""
+    """Each revision's downgrade undoes exactly that revision: capture v4 to v3 to v2 to v1, then the schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
     migrate.upgrade(fresh_url, "0002_capture")
     assert objects(fresh_url) == CAPTURE_V1
     migrate.upgrade(fresh_url, "0003_shared_capture")
     assert objects(fresh_url) == CAPTURE_V2
+    migrate.upgrade(fresh_url, "0004_utc_rows")
+    assert objects(fresh_url) == CAPTURE_V3
     migrate.upgrade(fresh_url)
+    assert objects(fresh_url) == MIGRATED
+    migrate.downgrade(fresh_url, "0004_utc_rows")
+    assert objects(fresh_url) == CAPTURE_V3
     migrate.downgrade(fresh_url, "0003_shared_capture")
     assert objects(fresh_url) == CAPTURE_V2
     migrate.downgrade(fresh_url, "0002_capture")
     assert objects(fresh_url) == CAPTURE_V1
     migrate.downgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
+
+
+async def _execute(url: Dsn, script: str) -> None:
+    conn = await asyncpg.connect(url.asyncpg())
+    try:
+        await conn.execute(script)
+    finally:
+        await conn.close()
+
+
+async def _rows(url: Dsn, query: str) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(url.asyncpg())
+    try:
+        return [tuple(row) for row in await conn.fetch(query)]
+    finally:
+        await conn.close()
+
+
+def execute(url: Dsn, script: str) -> None:
+    """Run `script` (one or more statements, one transaction) on a connection of its own."""
+    asyncio.run(_execute(url, script))
+
+
+def rows(url: Dsn, query: str) -> list[tuple[object, ...]]:
+    return asyncio.run(_rows(url, query))
+
+
+STREAMED_AT_V3 = """
+    CREATE SCHEMA shop;
+    CREATE TABLE shop.orders (id bigint PRIMARY KEY, total numeric);
+    CREATE TABLE notes (id bigint PRIMARY KEY, body text);
+    CREATE TABLE plain (id bigint PRIMARY KEY);
+    SELECT realtime.enable_stream('shop.orders');
+    SELECT realtime.enable_stream('notes');
+"""
+CHANGES = "SELECT seq, table_name, op FROM realtime.changes ORDER BY seq"
+TRUNCATE_TRIGGERS = (
+    "SELECT tgrelid::regclass::text FROM pg_trigger WHERE tgname = 'realtime_capture_truncate' ORDER BY 1"
+)
+OP_CHECK = (
+    "SELECT pg_get_constraintdef(oid), convalidated FROM pg_constraint"
+    " WHERE conrelid = 'realtime.changes'::regclass AND contype = 'c'"
+)
+
+
+def test_capture_v4_upgrades_and_downgrades_with_streamed_tables(fresh_url: Dsn) -> None:
+    """v3 to v4 gives every streamed table its TRUNCATE trigger; back to v3 removes them and the recorded
+    TRUNCATEs (retention's mark moves past them); row capture goes on throughout and v4 works again after."""
+    migrate.upgrade(fresh_url, "0004_utc_rows")
+    execute(fresh_url, STREAMED_AT_V3)
+    v3_check = rows(fresh_url, OP_CHECK)
+
+    migrate.upgrade(fresh_url)
+    assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
+    execute(fresh_url, "INSERT INTO notes VALUES (1, 'a')")
+    execute(fresh_url, "TRUNCATE shop.orders, notes, plain; INSERT INTO notes VALUES (2, 'b');")
+    changes = rows(fresh_url, CHANGES)
+    assert [change[1:] for change in changes] == [
+        ("notes", "INSERT"),
+        ("orders", "TRUNCATE"),
+        ("notes", "TRUNCATE"),
+        ("notes", "INSERT"),
+    ]
+
+    migrate.downgrade(fresh_url, "0004_utc_rows")
+    streamed = ["public.notes", "public.users", "shop.orders"]
+    assert objects(fresh_url) == {**CAPTURE_V3, "capture_triggers": 3, "streamed": streamed}
+    assert rows(fresh_url, "SELECT to_regclass('realtime.pending_truncates')") == [(None,)]
+    assert rows(fresh_url, OP_CHECK) == v3_check
+    assert rows(fresh_url, CHANGES) == [(1, "notes", "INSERT"), (4, "notes", "INSERT")]
+    assert rows(fresh_url, "SELECT pruned_through FROM realtime.retention") == [(3,)]
+    execute(fresh_url, "TRUNCATE notes; INSERT INTO notes VALUES (3, 'c');")
+    assert rows(fresh_url, CHANGES)[-1] == (5, "notes", "INSERT")
+
+    migrate.upgrade(fresh_url)
+    assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
+    execute(fresh_url, "TRUNCATE shop.orders; SELECT realtime.enable_stream('plain'); TRUNCATE plain;")
+    assert rows(fresh_url, CHANGES)[-2:] == [(6, "orders", "TRUNCATE"), (7, "plain", "TRUNCATE")]
+    execute(fresh_url, "SELECT realtime.disable_stream('plain'); TRUNCATE plain;")
+    assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
+    assert rows(fresh_url, CHANGES)[-1] == (7, "plain", "TRUNCATE")
 
 
 def test_upgrade_at_head_is_a_no_op(fresh_url: Dsn) -> None:
