@@ -7,11 +7,13 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
+import orjson
 import pytest
 
 from realtime.dsn import Dsn
 from realtime.stream import changelog
 from realtime.stream.changes import TableKey
+from realtime.stream.filters import compile_filter
 from tests.support.tables import committed_changes, create_streamed_table, head
 from tests.support.waiting import eventually
 
@@ -212,3 +214,54 @@ async def test_the_changelog_reads_a_truncate(db: asyncpg.Connection) -> None:
             (through, TableKey("public", table), "TRUNCATE", None, None)
         ]
         assert (changes[0].new_row, changes[0].old_row, changes[0].filter_row) == (None, None, {})
+
+
+async def _snapshot(conn: asyncpg.Connection, table: str) -> tuple[int, list[object]]:
+    """The position and the `k` of every row of a whole-table snapshot read on `conn`."""
+    streamed = await changelog.streamed_table(conn, TableKey("public", table))
+    assert streamed is not None
+    position, chunks = await changelog.read_snapshot(conn, streamed, compile_filter([]), None, 100, 10**6, bool)
+    return position, sorted(orjson.loads(text)["k"] for chunk in chunks for text in chunk)
+
+
+async def test_a_snapshot_is_exact_across_a_truncate_in_progress(
+    db: asyncpg.Connection, other: asyncpg.Connection
+) -> None:
+    """A snapshot of a table being truncated holds the rows at its position: TRUNCATE is not MVCC-safe, so a
+    snapshot taken before the TRUNCATE commits and read after must not find the table already empty."""
+    table = await create_streamed_table(db)
+    await db.execute(f"INSERT INTO {table} (k) VALUES (1), (2)")
+    async with db.transaction():
+        await db.execute(f"TRUNCATE {table}")
+        await db.execute(f"INSERT INTO {table} (k) VALUES (3)")
+        snapshot = asyncio.create_task(_snapshot(other, table))
+        await eventually(lambda: _waiting_for_a_lock(db, other), 10, "the snapshot waits for the TRUNCATE")
+    position, rows = await asyncio.wait_for(snapshot, 10)
+    changes = await committed_changes(db, table)
+    state: list[object] = []
+    for change in (c for c in changes if c["seq"] <= position):
+        state = [] if change["op"] == "TRUNCATE" else [*state, change["row"]["k"]]  # type: ignore[index]
+    assert rows == sorted(state)
+    assert (position, rows) == (changes[-1]["seq"], [3])
+
+
+async def test_a_snapshot_holds_no_position_while_its_table_is_locked(
+    db: asyncpg.Connection, other: asyncpg.Connection, database_url: Dsn
+) -> None:
+    """A snapshot of a table that another transaction keeps locked waits without holding the position (commits to
+    streamed tables and stable positions go on), gives up after a bounded wait, and leaves nothing held."""
+    table, log = await create_streamed_table(db), await create_streamed_table(db)
+    writer = await asyncpg.connect(database_url.asyncpg())
+    try:
+        async with db.transaction():
+            await db.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            snapshot = asyncio.create_task(_snapshot(other, table))
+            await eventually(lambda: _waiting_for_a_lock(db, other), 10, "the snapshot waits for the table")
+            await asyncio.wait_for(writer.execute(f"INSERT INTO {log} (k) VALUES (1)"), 1)
+            assert await asyncio.wait_for(changelog.stable_position(writer), 1) >= await head(writer)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                await asyncio.wait_for(snapshot, 10)
+    finally:
+        await writer.close()
+    held = "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+    assert await other.fetchval(held) == 0

@@ -30,6 +30,8 @@ _COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {u
 READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
 _HOLD_POSITION = "SELECT realtime.hold_position()"
 _RELEASE_POSITION = "SELECT realtime.release_position()"
+# How many times a snapshot finds its table held (a TRUNCATE, a schema change) before it gives up.
+_TABLE_ATTEMPTS = 3
 
 
 class CursorExpired(Exception):
@@ -112,7 +114,8 @@ async def read_snapshot(
     """The rows matching `row_filter` and `grant` (which also trims their columns) as JSON texts in chunks of
     `chunk_rows`, all read in one snapshot at the returned position; SnapshotTooLarge past `max_bytes`,
     SnapshotMemoryBusy when `reserve` refuses a row's memory (the caller gives back what it reserved once the
-    rows are sent).
+    rows are sent); asyncpg.LockNotAvailableError when a transaction holds a position for 2 s, or the table
+    stays locked (a TRUNCATE or a schema change in progress) through three tries with up to 2 s between them.
 
     Every change with a larger position committed after the snapshot was taken, so a subscriber that applies
     those changes to these rows misses nothing and sees nothing twice. The rows are read whole before any is
@@ -122,45 +125,70 @@ async def read_snapshot(
     order = ", ".join(_ident(column) for column in table.primary_key)
     # The snapshot must be taken while no transaction holds a position, so that it holds exactly the changes up
     # to `position`: the session keeps the position lock across BEGIN and lets it go in the transaction's first
-    # statement, which is where a REPEATABLE READ snapshot is taken.
-    released = False
+    # statement that takes a snapshot, which is where a REPEATABLE READ snapshot is taken. The table is locked
+    # before that: TRUNCATE is not MVCC-safe, and one committed after the snapshot but before the read would
+    # show the table empty at `position`. No TRUNCATE commits while the position lock is held (it takes a
+    # position at commit), and none starts on the locked table until the read ends (triggers/README.md).
+    released = True
     chunks: list[list[str]] = []
     chunk: list[str] = []
     size = 0
     try:
-        # Inside the try: a read cancelled while the lock is being granted must not leave it held either.
-        position = int(await conn.fetchval(_HOLD_POSITION))
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            await conn.execute(_RELEASE_POSITION)
-            released = True
-            query = f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"
-            async for record in conn.cursor(query, prefetch=max(chunk_rows, 50)):
-                text = record[0]
-                if grant is not None:
-                    text = restricted_snapshot_row(grant, row_filter, text)
-                    if text is None:
-                        continue
-                elif row_filter.conditions and not row_filter.matches(orjson.loads(text)):
-                    continue
-                weight = text_bytes(text)
-                size += weight
-                if size <= max_bytes and not reserve(weight):
-                    raise SnapshotMemoryBusy("the memory for snapshots being sent is in use")
-                if size > max_bytes:
-                    raise SnapshotTooLarge(
-                        f"the rows matching this subscription exceed the snapshot bound of {max_bytes} bytes;"
-                        " narrow the filter, or subscribe without a snapshot"
-                    )
-                chunk.append(text)
-                if len(chunk) >= chunk_rows:
-                    chunks.append(chunk)
-                    chunk = []
+        for attempt in range(1, _TABLE_ATTEMPTS + 1):
+            # Before the request: a read cancelled while the lock is being granted must not leave it held either.
+            released = False
+            position = int(await conn.fetchval(_HOLD_POSITION))
+            try:
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    # Never waits: the transaction holding the table may be waiting for the position at its commit.
+                    await conn.execute(f"LOCK TABLE {quoted} IN ACCESS SHARE MODE NOWAIT")
+                    await conn.execute(_RELEASE_POSITION)
+                    released = True
+                    query = f"SELECT to_jsonb(t)::text FROM {quoted} t ORDER BY {order}"
+                    async for record in conn.cursor(query, prefetch=max(chunk_rows, 50)):
+                        text = record[0]
+                        if grant is not None:
+                            text = restricted_snapshot_row(grant, row_filter, text)
+                            if text is None:
+                                continue
+                        elif row_filter.conditions and not row_filter.matches(orjson.loads(text)):
+                            continue
+                        weight = text_bytes(text)
+                        size += weight
+                        if size <= max_bytes and not reserve(weight):
+                            raise SnapshotMemoryBusy("the memory for snapshots being sent is in use")
+                        if size > max_bytes:
+                            raise SnapshotTooLarge(
+                                f"the rows matching this subscription exceed the snapshot bound of {max_bytes}"
+                                " bytes; narrow the filter, or subscribe without a snapshot"
+                            )
+                        chunk.append(text)
+                        if len(chunk) >= chunk_rows:
+                            chunks.append(chunk)
+                            chunk = []
+                break
+            except asyncpg.LockNotAvailableError:
+                if released:
+                    raise
+                await conn.execute(_RELEASE_POSITION)
+                released = True
+                if attempt == _TABLE_ATTEMPTS:
+                    raise
+                await _wait_for_table(conn, quoted)
     finally:
         if not released:
             # A pooled session must never keep the lock: every commit to a streamed table would wait for it.
             conn.terminate()
     chunks.append(chunk)
     return position, chunks
+
+
+async def _wait_for_table(conn: asyncpg.Connection, quoted: str) -> None:
+    """Wait, holding no position, until whatever holds the table lets it go: at most 2 s, then
+    asyncpg.LockNotAvailableError, as for a position held too long."""
+    async with conn.transaction(readonly=True):
+        await conn.execute("SET LOCAL lock_timeout = '2s'")
+        await conn.execute(f"LOCK TABLE {quoted} IN ACCESS SHARE MODE")
 
 
 def text_bytes(text: str) -> int:
