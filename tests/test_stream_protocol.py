@@ -164,24 +164,32 @@ async def test_filter_ops_select_matching_rows(
     assert [f["row"]["k"] for f in frames] == expected_ks
 
 
-async def test_filters_are_checked_against_the_old_row_for_delete(
+async def test_a_filtered_view_sees_rows_move_in_and_out(
     client: StreamClient, db: asyncpg.Connection, table: str
 ) -> None:
-    """UPDATE matches on the new row and DELETE on the old row."""
+    """A row entering the filter is `added` (without its old values), one leaving it `removed` (without its new
+    values), one staying in it `modified`; a DELETE is judged on the row it removed; every frame has the key."""
     row_id = await _insert(db, table, 1)
     await client.subscribe("f", table=table, filter=[{"column": "k", "op": "eq", "value": 2}])
     await client.subscribe("all", table=table)
-    await db.execute(f"UPDATE {table} SET k = 2 WHERE id = $1", row_id)  # new row matches
-    await db.execute(f"UPDATE {table} SET k = 3 WHERE id = $1", row_id)  # new row no longer matches
-    await db.execute(f"UPDATE {table} SET k = 2 WHERE id = $1", row_id)
+    await db.execute(f"UPDATE {table} SET k = 2 WHERE id = $1", row_id)  # moves in
+    await db.execute(f"UPDATE {table} SET v = 'x' WHERE id = $1", row_id)  # stays in
+    await db.execute(f"UPDATE {table} SET k = 3 WHERE id = $1", row_id)  # moves out
+    await db.execute(f"UPDATE {table} SET v = 'y' WHERE id = $1", row_id)  # stays out: nothing
+    await db.execute(f"UPDATE {table} SET k = 2 WHERE id = $1", row_id)  # back in
     await db.execute(f"DELETE FROM {table} WHERE id = $1", row_id)  # old row matches
     await _insert(db, table, MARKER)
     frames = await _frames_until_marker(client, "f", MARKER)
-    assert [(f["op"], (f.get("row") or f["old"])["k"]) for f in frames] == [
-        ("UPDATE", 2),
-        ("UPDATE", 2),
-        ("DELETE", 2),
+    summary = [(f["op"], f["view"], f["key"], "row" in f, "old" in f) for f in frames]
+    key = {"id": row_id}
+    assert summary == [
+        ("UPDATE", "added", key, True, False),
+        ("UPDATE", "modified", key, True, True),
+        ("UPDATE", "removed", key, False, True),
+        ("UPDATE", "added", key, True, False),
+        ("DELETE", "removed", key, False, True),
     ]
+    assert frames[2]["old"]["k"] == 2  # what the subscriber had; k = 3 never reaches it
 
 
 async def test_events_select_which_operations_arrive(client: StreamClient, db: asyncpg.Connection, table: str) -> None:

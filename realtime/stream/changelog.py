@@ -14,9 +14,9 @@ import asyncpg
 import orjson
 
 from realtime.auth.policy import Grant
-from realtime.stream.access import restricted_snapshot_row
 from realtime.stream.changes import Change, TableKey
 from realtime.stream.filters import RowFilter
+from realtime.stream.views import restricted_snapshot_row
 
 
 def utc_text(expression: str) -> str:

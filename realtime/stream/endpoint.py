@@ -35,7 +35,6 @@ from realtime.auth.policy import Grant
 from realtime.auth.tokens import Identity, KeysUnavailable, TokenError, TokenVerifier
 from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
-from realtime.stream.access import restricted_body
 from realtime.stream.changelog import CursorExpired, SnapshotMemoryBusy, SnapshotTooLarge, StreamedTable
 from realtime.stream.changes import TableKey
 from realtime.stream.filters import Condition, compile_filter
@@ -51,8 +50,6 @@ from realtime.stream.protocol import (
     Ref,
     Subscribe,
     Unsubscribe,
-    change_body,
-    change_frame,
     error_frame,
     parse_client_message,
     reply_frame,
@@ -60,6 +57,7 @@ from realtime.stream.protocol import (
 )
 from realtime.stream.rate import TokenBucket
 from realtime.stream.reads import RETRY_AFTER_BUSY_MS, ReadsBusy
+from realtime.stream.views import ChangeFrames
 from realtime.stream.wire import encode_text_frame, sink_for
 
 _log = logging.getLogger(__name__)
@@ -402,6 +400,7 @@ class ClientSession:
             max_pending=settings.ws_queue_size,
             max_pending_bytes=settings.ws_queue_bytes,
             grant=grant,
+            key_columns=table.primary_key,
         )
         if hub.subscription_count >= settings.ws_max_subscriptions_total:
             # Checked again: other connections' subscribes may have filled the process while this one waited.
@@ -482,14 +481,11 @@ class ClientSession:
             async with self._pipeline.reads.connection() as conn:
                 changes = await changelog.replay_chunk(conn, sub.table, after, until, chunk_size)
             for change in changes:
-                if change.op not in sub.events:
+                if change.op not in sub.events and change.op != "TRUNCATE":
                     continue
-                if sub.grant is not None:
-                    restricted = restricted_body(sub.grant, sub.filter, change)
-                    if restricted is not None:
-                        await self._send_history(change_frame(sub.id, restricted[1]), change.seq)
-                elif not sub.filter.conditions or sub.filter.matches(change.filter_row):
-                    await self._send_history(change_frame(sub.id, change_body(change)), change.seq)
+                text = ChangeFrames(change).text(sub.id, sub.filter, sub.grant, sub.key_columns)
+                if text is not None:
+                    await self._send_history(text, change.seq)
             if len(changes) < chunk_size:
                 return max(since, until)
             after = changes[-1].seq

@@ -12,26 +12,24 @@ encoded once per distinct subscription id, and offered to each outbox. Subscript
 indexed by that column's value, so a change costs nothing for subscriptions whose indexed value differs.
 
 A subscription restricted by a policy grant (realtime/auth/policy.py) is indexed the same way, on its grant's
-`eq` when it has one (a claim-bound `id = sub` puts each member under their own id), and gets its frames from
-access.py. Because a row may move out of what such a subscription may read, an UPDATE also reaches the restricted
-subscriptions indexed under the old row's value, which is the only way they learn the row left.
+`eq` when it has one (a claim-bound `id = sub` puts each member under their own id). What a change means for each
+subscription's view (added, modified, removed) is views.py's. Because a row may move out of a view, an UPDATE also
+reaches the subscriptions indexed under the old row's value, which is the only way they learn the row left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from realtime.auth.policy import Grant
-from realtime.stream.access import restricted_body
 from realtime.stream.changes import Change, TableKey
 from realtime.stream.filters import Condition, RowFilter, value_key
 from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
-from realtime.stream.protocol import change_body, change_frame
-from realtime.stream.wire import encode_text_frame
+from realtime.stream.views import ChangeFrames
 
 _log = logging.getLogger(__name__)
 
@@ -49,6 +47,7 @@ class Subscription:
     pending: list[tuple[int, bytes]] | None = field(default_factory=list)
     pending_bytes: int = 0
     grant: Grant | None = None  # None: every row and column of the table (open mode, or a rule without limits)
+    key_columns: tuple[str, ...] = ("id",)  # the table's primary key, sent as each frame's `key`
 
     @property
     def index_condition(self) -> Condition | None:
@@ -95,9 +94,6 @@ class _TableSubscriptions:
         self.by_value: defaultdict[str, defaultdict[Hashable, dict[Subscription, None]]] = defaultdict(
             lambda: defaultdict(dict)
         )
-        # Columns that restricted subscriptions are indexed on, by how many: an UPDATE that changes one of these
-        # columns is also offered to the restricted subscriptions under its old value.
-        self.restricted_columns: Counter[str] = Counter()
         self.count = 0
 
     def add(self, sub: Subscription) -> None:
@@ -106,8 +102,6 @@ class _TableSubscriptions:
             self.unindexed[sub] = None
         else:
             self.by_value[condition.column][value_key(condition.value)][sub] = None
-            if sub.grant is not None:
-                self.restricted_columns[condition.column] += 1
         self.count += 1
 
     def remove(self, sub: Subscription) -> bool:
@@ -126,29 +120,35 @@ class _TableSubscriptions:
                 del column[key]
             if not column:
                 del self.by_value[condition.column]
-            if sub.grant is not None:
-                self.restricted_columns[condition.column] -= 1
-                if not self.restricted_columns[condition.column]:
-                    del self.restricted_columns[condition.column]
         self.count -= 1
         return True
 
+    def every(self) -> Iterator[Subscription]:
+        yield from self.unindexed
+        for subs_by_value in self.by_value.values():
+            for subs in subs_by_value.values():
+                yield from subs
+
     def candidates(self, change: Change) -> Iterator[Subscription]:
+        if change.op == "TRUNCATE":  # empties every view of the table
+            yield from self.every()
+            return
         yield from self.unindexed
         if self.by_value:
             row = change.filter_row
-            moves = self.restricted_columns and change.op == "UPDATE"
+            # An UPDATE that changes an indexed value leaves the views of the subscriptions under the old value.
+            old = change.old_row if change.op == "UPDATE" else None
             for column, subs_by_value in self.by_value.items():
                 key = value_key(row.get(column))
                 subs = subs_by_value.get(key)
                 if subs:
                     yield from subs
-                if moves and column in self.restricted_columns:
-                    old = change.old_row
-                    assert old is not None
+                if old is not None:
                     old_key = value_key(old.get(column))
                     if old_key != key:
-                        yield from [sub for sub in subs_by_value.get(old_key, ()) if sub.grant is not None]
+                        subs = subs_by_value.get(old_key)
+                        if subs:
+                            yield from subs
 
 
 class Hub:
@@ -201,30 +201,14 @@ class Hub:
         table = self._tables.get(change.table)
         if table is None:
             return
-        body: str | None = None
-        frames: dict[str, bytes] = {}
-        restricted_frames: dict[tuple[str, Hashable], bytes] = {}
+        frames = ChangeFrames(change)
         op = change.op
         for sub in table.candidates(change):
-            if op not in sub.events:
+            if op not in sub.events and op != "TRUNCATE":
                 continue
-            if sub.grant is not None:
-                restricted = restricted_body(sub.grant, sub.filter, change)
-                if restricted is not None:
-                    cache_key = (sub.id, restricted[0])
-                    frame = restricted_frames.get(cache_key)
-                    if frame is None:
-                        frame = restricted_frames[cache_key] = encode_text_frame(change_frame(sub.id, restricted[1]))
-                    sub.deliver(change.seq, frame, flush)
-                continue
-            if sub.filter.conditions and not sub.filter.matches(change.filter_row):
-                continue
-            frame = frames.get(sub.id)
-            if frame is None:
-                if body is None:
-                    body = change_body(change)
-                frame = frames[sub.id] = encode_text_frame(change_frame(sub.id, body))
-            sub.deliver(change.seq, frame, flush)
+            frame = frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns)
+            if frame is not None:
+                sub.deliver(change.seq, frame, flush)
 
     def close_all(self, code: int, why: str, timeout: float) -> None:
         for outbox in list(self._outboxes):

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from realtime.stream.changes import Change, TableKey
+from realtime.stream.changes import TableKey
 from realtime.stream.filters import Condition, FilterError, compile_condition
 
 EVENTS = ("INSERT", "UPDATE", "DELETE")
@@ -211,18 +211,3 @@ def snapshot_frame(sub_id: str, seq: int, row_texts: list[str], last: bool) -> s
     # Rows are spliced in as the JSON text PostgreSQL produced: no decode/encode per row.
     head = _dump({"type": "snapshot", "id": sub_id, "seq": seq})[:-1]
     return f'{head},"rows":[{",".join(row_texts)}],"last":{"true" if last else "false"}}}'
-
-
-def change_body(change: Change) -> str:
-    """The part of a change frame shared by every subscription (all but the leading type and id)."""
-    parts = [f'"seq":{change.seq},"table":{orjson.dumps(change.table.wire_name).decode()},"op":"{change.op}"']
-    if change.new_json is not None:
-        parts.append(f'"row":{change.new_json}')
-    if change.old_json is not None:
-        parts.append(f'"old":{change.old_json}')
-    parts.append(f'"ts":"{change.ts}"')
-    return ",".join(parts) + "}"
-
-
-def change_frame(sub_id: str, body: str) -> str:
-    return '{"type":"change","id":' + orjson.dumps(sub_id).decode() + "," + body

@@ -45,13 +45,16 @@ async def table_rows(db: asyncpg.Connection, table: str) -> dict[int, dict[str, 
 
 
 def apply_changes(rows: dict[int, dict[str, Any]], frames: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Replay change frames onto a copy of `rows` (keyed by id)."""
+    """Apply change frames to a copy of `rows` (keyed by id) by the two rules of a view: `added`/`modified` upsert
+    `row` by `key`, `removed` deletes `key` (and `reset`, a TRUNCATE, empties it)."""
     state = dict(rows)
     for frame in frames:
-        if frame["op"] == "DELETE":
-            state.pop(frame["old"]["id"])
+        if frame["view"] == "reset":
+            state.clear()
+        elif frame["view"] == "removed":
+            state.pop(frame["key"]["id"])
         else:
-            state[frame["row"]["id"]] = frame["row"]
+            state[frame["key"]["id"]] = frame["row"]
     return state
 
 

@@ -1,0 +1,204 @@
+"""What one change means for one subscription's view: `added`, `modified`, `removed`, or nothing.
+
+A subscription's view is the rows of its table that its filter matches (and, under a row-level policy, that its
+grant lets it read, with the columns the grant shows). A change frame says how the change moves that view
+(docs/protocol.md, "change"), so that a client applying two rules (`added`/`modified`: upsert `row` by `key`;
+`removed`: delete `key`) holds exactly `SELECT ... WHERE filter` at every `seq`:
+
+    INSERT  the new row is in the view: added, with `row`
+    DELETE  the old row was in the view: removed, with `old` (a DELETE is judged on the row it removed)
+    UPDATE  in(old) and in(new): modified, `row` and `old`
+            in(new) only: added, `row` only (the old values were never in the client's view)
+            in(old) only: removed, `old` only (the new values are outside the view and must not leak); when a
+                grant no longer lets the subscriber read the row at all, `old` holds only the primary key
+            neither: not sent
+    TRUNCATE  reset, to every subscription of the table whatever its filter, grant or `events`: the view is empty
+
+`in(row)` is the filter and, under a grant, the grant's verdict on that row. The same decision is made live (the
+hub), in a `since` replay and, for the rows themselves, in a snapshot, so a resumed view equals a live one.
+`ChangeFrames` holds one change's decoded rows, keys and bodies, so subscriptions that receive the same body share
+one encoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from typing import TypeAlias
+
+import orjson
+
+from realtime.auth.policy import Grant, RowView, trim
+from realtime.stream.changes import Change, Row
+from realtime.stream.filters import RowFilter
+from realtime.stream.wire import encode_text_frame
+
+ADDED = "added"
+MODIFIED = "modified"
+REMOVED = "removed"
+RESET = "reset"  # TRUNCATE: every view of the table is empty now, whatever its filter or grant
+# The view of a subscription that neither filters nor is restricted, by op: every row is in it.
+WHOLE_TABLE_VIEW = {"INSERT": ADDED, "UPDATE": MODIFIED, "DELETE": REMOVED}
+# A body is built only for the first subscription that receives it.
+_Body: TypeAlias = Callable[[], str]
+
+
+class ChangeFrames:
+    """The frames of one change for the subscriptions it reaches, each body built once and encoded once per
+    subscription id (two subscriptions with one id on two connections receive the same bytes)."""
+
+    __slots__ = ("_change", "_encoded", "_keys", "_table", "_whole")
+
+    def __init__(self, change: Change) -> None:
+        self._change = change
+        self._table = orjson.dumps(change.table.wire_name).decode()
+        self._keys: dict[tuple[bool, tuple[str, ...]], str] = {}
+        self._encoded: dict[tuple[str, Hashable], bytes] = {}
+        self._whole: dict[str, bytes] = {}
+
+    def frame(
+        self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]
+    ) -> bytes | None:
+        """The encoded frame this subscription receives, or None when the change does not touch its view."""
+        if (grant is None and not row_filter.conditions) or self._change.op == "TRUNCATE":
+            # The common case, kept short: the whole table is the view, one body per change.
+            frame = self._whole.get(sub_id)
+            if frame is None:
+                whole = self._whole_body(key_columns)
+                frame = self._whole[sub_id] = encode_text_frame(change_frame(sub_id, whole))
+            return frame
+        decided = self.decide(row_filter, grant, key_columns)
+        if decided is None:
+            return None
+        variant, body = decided
+        cache_key = (sub_id, variant)
+        frame = self._encoded.get(cache_key)
+        if frame is None:
+            frame = self._encoded[cache_key] = encode_text_frame(change_frame(sub_id, body()))
+        return frame
+
+    def text(self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> str | None:
+        """The frame as text (for a replay, which sends one subscription's frames one by one)."""
+        decided = self.decide(row_filter, grant, key_columns)
+        return change_frame(sub_id, decided[1]()) if decided is not None else None
+
+    def decide(
+        self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]
+    ) -> tuple[Hashable, _Body] | None:
+        """(what distinguishes this body from the change's other bodies, how to build it), or None."""
+        change = self._change
+        op = change.op
+        if op == "TRUNCATE":
+            return RESET, lambda: self._whole_body(key_columns)
+        if grant is not None:
+            return self._restricted(row_filter, grant, key_columns)
+        view: str | None
+        if not row_filter.conditions:
+            view = WHOLE_TABLE_VIEW[op]
+        elif op == "INSERT":
+            view = ADDED if row_filter.matches(self._new) else None
+        elif op == "DELETE":
+            view = REMOVED if row_filter.matches(self._old) else None
+        else:
+            was, now = row_filter.matches(self._old), row_filter.matches(self._new)
+            view = MODIFIED if was and now else ADDED if now else REMOVED if was else None
+        if view is None:
+            return None
+        chosen = view
+        return (chosen, key_columns), lambda: self._body(chosen, key_columns)
+
+    @property
+    def _new(self) -> Row:
+        row = self._change.new_row
+        assert row is not None
+        return row
+
+    @property
+    def _old(self) -> Row:
+        row = self._change.old_row
+        assert row is not None
+        return row
+
+    def _key(self, key_columns: tuple[str, ...], old: bool) -> str:
+        cached = self._keys.get((old, key_columns))
+        if cached is None:
+            row = self._old if old else self._new
+            cached = self._keys[old, key_columns] = orjson.dumps({c: row.get(c) for c in key_columns}).decode()
+        return cached
+
+    def _whole_body(self, key_columns: tuple[str, ...]) -> str:
+        change = self._change
+        if change.op == "TRUNCATE":
+            return f'"seq":{change.seq},"table":{self._table},"op":"TRUNCATE","view":"{RESET}","ts":"{change.ts}"}}'
+        return self._body(WHOLE_TABLE_VIEW[change.op], key_columns)
+
+    def _body(self, view: str, key_columns: tuple[str, ...]) -> str:
+        change = self._change
+        removed = view == REMOVED
+        row = None if removed else change.new_json
+        old = change.old_json if view != ADDED else None
+        return self._compose(view, self._key(key_columns, removed), row, old)
+
+    def _restricted(
+        self, row_filter: RowFilter, grant: Grant, key_columns: tuple[str, ...]
+    ) -> tuple[Hashable, _Body] | None:
+        op = self._change.op
+        if op == "INSERT":
+            new = self._new
+            view = grant.view(new) if row_filter.matches(new) else False
+            if not view:
+                return None
+            return (ADDED, view), lambda: self._compose(ADDED, self._key(key_columns, False), _text(new, view), None)
+        if op == "DELETE":
+            old = self._old
+            view = grant.view(old) if row_filter.matches(old) else False
+            if not view:
+                return None
+            return (REMOVED, view), lambda: self._compose(REMOVED, self._key(key_columns, True), None, _text(old, view))
+        new, old = self._new, self._old
+        readable_new, readable_old = grant.view(new), grant.view(old)
+        in_new = readable_new if readable_new and row_filter.matches(new) else False
+        in_old = readable_old if readable_old and row_filter.matches(old) else False
+        if in_new and in_old:
+            return (MODIFIED, in_new, in_old), lambda: self._compose(
+                MODIFIED, self._key(key_columns, False), _text(new, in_new), _text(old, in_old)
+            )
+        if in_new:
+            return (ADDED, in_new), lambda: self._compose(
+                ADDED, self._key(key_columns, False), _text(new, in_new), None
+            )
+        if not in_old:
+            return None
+        key = self._key(key_columns, True)
+        if readable_new:  # only the filter moved it out: the old values were the subscriber's to read
+            return (REMOVED, in_old), lambda: self._compose(REMOVED, key, None, _text(old, in_old))
+        # Out of what the grant lets it read: nothing of the row but the key it already knows.
+        return (REMOVED, "key"), lambda: self._compose(REMOVED, key, None, key)
+
+    def _compose(self, view: str, key: str, row: str | None, old: str | None) -> str:
+        change = self._change
+        parts = [f'"seq":{change.seq},"table":{self._table},"op":"{change.op}","view":"{view}","key":{key}']
+        if row is not None:
+            parts.append(f'"row":{row}')
+        if old is not None:
+            parts.append(f'"old":{old}')
+        parts.append(f'"ts":"{change.ts}"')
+        return ",".join(parts) + "}"
+
+
+def change_frame(sub_id: str, body: str) -> str:
+    return '{"type":"change","id":' + orjson.dumps(sub_id).decode() + "," + body
+
+
+def _text(row: Row, view: RowView) -> str:
+    return orjson.dumps(trim(row, view)).decode()
+
+
+def restricted_snapshot_row(grant: Grant, row_filter: RowFilter, text: str) -> str | None:
+    """A snapshot row's text as the subscriber may see it, or None when it is outside the grant or the filter."""
+    row = orjson.loads(text)
+    if not row_filter.matches(row):
+        return None
+    view = grant.view(row)
+    if not view:
+        return None
+    return text if view is True else _text(row, view)
