@@ -720,7 +720,7 @@ function logNote(text, kind = 'info') {
 
 /** @param {import('./realtime.js').ChangeFrame} frame @param {number} arrivedAt */
 function logChange(frame, arrivedAt) {
-  const row = /** @type {Partial<User>} */ (frame.row ?? frame.old ?? {});
+  const row = /** @type {Partial<User>} */ (frame.row ?? frame.old ?? frame.key ?? {});
   const latency = arrivedAt - parseTime(frame.ts);
   const latencyText = Number.isFinite(latency) ? `${Math.round(latency)} ms` : '—';
   pushLog(h('li', {
@@ -785,10 +785,12 @@ function subscribeTable(filter) {
     },
     change(frame) {
       const arrivedAt = now();
-      if (frame.op === 'DELETE') removeUser(/** @type {User} */ (frame.old).id);
-      // An update that took the row out of what this token may read comes with its key only.
-      else if (/** @type {any} */ (frame).view === 'removed') removeUser(/** @type {any} */ (frame).key.id);
-      else upsert(/** @type {User} */ (frame.row), frame.op === 'INSERT' ? 'insert' : 'update');
+      // The view's two rules (docs/protocol.md): removed deletes the key (a DELETE, or an update that took the
+      // row out of the filter or out of what this token may read); added and modified upsert the row. A TRUNCATE
+      // resets the view to empty.
+      if (frame.view === 'reset') replaceAll([]);
+      else if (frame.view === 'removed') removeUser(/** @type {number} */ (frame.key?.id));
+      else upsert(/** @type {User} */ (frame.row), frame.view === 'added' ? 'insert' : 'update');
       showSeq(frame.seq);
       logChange(frame, arrivedAt);
     },

@@ -63,11 +63,13 @@
  * @property {string} id               the subscription id
  * @property {number} seq
  * @property {string} table
- * @property {Op} op
- * @property {Record<string, unknown>} [row]   absent for DELETE (and when `view` is `removed`)
- * @property {Record<string, unknown>} [old]   absent for INSERT (and for a row that moved into a policy's reach)
- * @property {'removed'} [view]  a row-level policy: the row left what the token may read; delete it by `key`
- * @property {Record<string, unknown>} [key]   with `view`: the row's primary key, all that is sent of it
+ * @property {Op | 'TRUNCATE'} op             what happened in the database
+ * @property {'added' | 'modified' | 'removed' | 'reset'} view   what it does to this subscription's view: upsert
+ *           `row` by `key` (added, modified), delete `key` (removed), empty the view (reset, a TRUNCATE)
+ * @property {Record<string, unknown>} [key]   the row's primary key (absent for reset)
+ * @property {Record<string, unknown>} [row]   present for added and modified
+ * @property {Record<string, unknown>} [old]   present for modified and removed (under a policy, a row that left
+ *           what the token may read has only its key here)
  * @property {string} ts                        commit time, ISO 8601 UTC
  */
 
