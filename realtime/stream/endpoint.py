@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -104,8 +105,11 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             max_bytes=settings.ws_queue_bytes,
             send_timeout=settings.ws_send_timeout_s,
         )
-        session = ClientSession(pipeline, outbox, receive, scope["state"]["auth"])
+        # Names the connection on every log line about it (realtime/logs.py), from the upgrade to the close.
+        connection_id = os.urandom(6).hex()
+        session = ClientSession(pipeline, outbox, receive, scope["state"]["auth"], connection_id)
         pipeline.hub.attach(outbox)
+        _log.info("WebSocket connected", extra={"connection_id": connection_id, "client": _address(scope)})
         try:
             # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
             # the close frame, or the server times the handshake out, or the transport is aborted.
@@ -114,8 +118,23 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             session.end()
             pipeline.hub.detach(outbox)
             outbox.discard()
+            _log.info(
+                "WebSocket closed",
+                extra={
+                    "connection_id": connection_id,
+                    "client": _address(scope),
+                    "close_code": outbox.close_code,  # None: the client closed first
+                    "last_seq": outbox.last_seq_sent,
+                },
+            )
     finally:
         pipeline.admission.leave(client)
+
+
+def _address(scope: Scope) -> str | None:
+    """The client as uvicorn's access lines write it, `address:port`."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 class _Closing(Exception):
@@ -149,8 +168,14 @@ class ClientSession:
     """The subscriptions of one connection and the handling of its client frames."""
 
     def __init__(
-        self, pipeline: StreamPipeline, outbox: Outbox, receive: Receive, verifier: TokenVerifier | None
+        self,
+        pipeline: StreamPipeline,
+        outbox: Outbox,
+        receive: Receive,
+        verifier: TokenVerifier | None,
+        connection_id: str,
     ) -> None:
+        self.connection_id = connection_id
         self._pipeline = pipeline
         self._outbox = outbox
         self._receive = receive
@@ -341,7 +366,13 @@ class ClientSession:
         except ReadsBusy as error:
             raise refuse("unavailable", f"{error}; retry shortly", RETRY_AFTER_BUSY_MS) from None
         except DATABASE_ERRORS as error:
-            _log.warning("subscribe %r failed: %s: %s", request.id, type(error).__name__, error)
+            _log.warning(
+                "subscribe %r failed: %s: %s",
+                request.id,
+                type(error).__name__,
+                error,
+                extra={"connection_id": self.connection_id, "subscription_id": request.id},
+            )
             raise refuse(
                 "unavailable", "the database could not be reached; retry shortly", RETRY_AFTER_DATABASE_MS
             ) from None
@@ -435,6 +466,15 @@ class ClientSession:
         subscribed = reply_frame("subscribed", request.ref, id=request.id, seq=position)
         await self._outbox.put(encode_text_frame(subscribed), position)
         sub.go_live(position)
+        _log.info(
+            "subscribed",
+            extra={
+                "connection_id": self.connection_id,
+                "subscription_id": request.id,
+                "table": table.key.wire_name,
+                "seq": position,
+            },
+        )
 
     async def _send_history(self, text: str, seq: int) -> None:
         await self._outbox.put(encode_text_frame(text), seq)
