@@ -1,29 +1,30 @@
 """Scenario 8: what row-level policies cost: server CPU per delivered frame and deliveries/s, with and without rules.
 
-realtime only, always with a token key (AUTH_JWT_SECRET), N subscribers authenticated as role `member`, subscriber
-i with `sub` = its row id i + 1. Three variants, which differ only in the policy file and the subscribe message:
+realtime only, with a token key (AUTH_JWT_SECRET) and AUTH_POLICY_FILE = bench/policy.toml, N subscribers, subscriber
+i authenticated with `sub` = its row id i + 1. Three variants, which differ only in the token's role and the
+subscribe message:
 
-    filter        no AUTH_POLICY_FILE; each subscriber filters on `id = i + 1` itself. The baseline: the same
-                  frames reach the same sockets and the token work is the same, only the rules are missing
-    rule+filter   AUTH_POLICY_FILE = bench/policy.toml (a member reads the row whose id is its `sub`) and the
-                  same filter: the rule is checked on top of it
-    rule          the policy and no filter: only the rule narrows the subscription, which the hub indexes by
+    filter        role `reader`, whose rule covers every row: its subscriptions carry no grant (`_read_grant`
+                  returns None for a grant that restricts nothing), the path of a server without a policy. Each
+                  subscriber filters on its own id, so the same frames reach the same sockets as with the rule
+    rule+filter   role `member` (a member reads the row whose id is its `sub`) and the same filter: the rule is
+                  checked on top of it
+    rule          role `member` and no filter: only the rule narrows the subscription, which the hub indexes by
                   the id the rule binds (the case where a rule evaluated per subscriber would cost O(N))
 
-Per variant and round, one server process and one set of subscribers (each row id owned by one subscriber, so
-every change reaches exactly one of them and deliveries/s = changes/s):
+All three run one after the other on the same server process (started once per round, order alternating from
+round to round), so drift between processes and over minutes of a shared machine does not land in the ratio; the
+token is verified once per connection in all three. Per variant, on that server:
 
-    open: connect, auth, subscribe -> fixed rate: `policy_rate` changes/s for `policy_seconds` after 2 s unmeasured
-    (server CPU / frames delivered) -> climb: from `policy_start` changes/s, x `policy_factor` per step, judged like
-    the saturation scenario (p99 <= 100 ms, nothing lost, no slow-client close; writers or load generator at their
-    limit end the climb, and its result is then a lower bound)
+    open N: connect, auth, subscribe -> fixed rate: `policy_rate` changes/s for `policy_seconds` after 2 s
+    unmeasured (server CPU / frames delivered) -> climb: from `policy_start` changes/s, x `policy_factor` per step,
+    judged like the saturation scenario (p99 <= 100 ms, nothing lost, no slow-client close; writers or load
+    generator at their limit end the climb, and its result is then a lower bound) -> close the N connections
 
-Every change is an UPDATE of one of the N rows, in statements of `policy_rows_per_commit` consecutive ids (round
-robin). Several rows per commit keep the database's commit rate, which on a shared machine lags first, out of
-the figures, and make the changes arrive in batches as they do under load, where the per-read cost is spread
-and a per-frame overhead shows most.
-
-Variants alternate in order from round to round; the report gives medians with the lowest and highest round.
+Every change is an UPDATE of one of the N rows, so it reaches exactly one subscriber: deliveries/s = changes/s.
+UPDATEs go in statements of `policy_rows_per_commit` consecutive ids (round robin): several rows per commit keep
+the database's commit rate, which on a shared machine lags first, out of the figures, and make changes arrive in
+batches as they do under load, where the per-read cost is spread thin and a per-frame overhead shows most.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import asyncio
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from bench import db
@@ -40,7 +40,7 @@ from bench.config import POLICY_CPU_VS_UNRESTRICTED, SATURATION_P99_MS, SUPABASE
 from bench.report import ScenarioResult, Target
 from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
 from bench.scenarios.saturation import judge
-from bench.servers import BENCH_DIR, REALTIME, running
+from bench.servers import BENCH_DIR, REALTIME, RunningServer, running
 from bench.shards import FilterMode, OpenReport, SubscriberPool
 from bench.stats import median, ratio
 from bench.writers import ChangeWriters
@@ -48,7 +48,6 @@ from realtime.auth.tokens import issue_token
 from realtime.config import Settings
 
 POLICY_FILE = BENCH_DIR / "policy.toml"
-ROLE = "member"
 TOKEN_TTL_S = 6 * 3600  # outlives any run: an expiring token would close its connection mid-window
 WARMUP_S = 2.0
 BASELINE = "filter"
@@ -57,14 +56,14 @@ BASELINE = "filter"
 @dataclass(frozen=True)
 class Variant:
     name: str
-    policy: Path | None
+    role: str  # the token's role: "reader" (a rule covering every row) or "member" (its own row)
     filter_mode: FilterMode  # "ask": the subscribe filters on the subscriber's id; "check": it does not
 
 
 VARIANTS = (
-    Variant(BASELINE, None, "ask"),
-    Variant("rule+filter", POLICY_FILE, "ask"),
-    Variant("rule", POLICY_FILE, "check"),
+    Variant(BASELINE, "reader", "ask"),
+    Variant("rule+filter", "member", "ask"),
+    Variant("rule", "member", "check"),
 )
 
 COLUMNS = [
@@ -85,8 +84,9 @@ COLUMNS = [
 ]
 
 
-def server_env(secret: str, policy: Path | None) -> dict[str, str | None]:
-    """A token key and nothing else that changes what a token means, so the harness's tokens are accepted."""
+def server_env(secret: str) -> dict[str, str | None]:
+    """The token key and the policy, and nothing else that changes what a token means, so the tokens made here are
+    accepted whatever the harness's environment holds."""
     return {
         "AUTH_MODE": "",
         "AUTH_JWT_SECRET": secret,
@@ -95,11 +95,11 @@ def server_env(secret: str, policy: Path | None) -> dict[str, str | None]:
         "AUTH_AUDIENCE": "",
         "AUTH_ISSUER": "",
         "AUTH_ROLE_CLAIM": "role",
-        "AUTH_POLICY_FILE": None if policy is None else str(policy),
+        "AUTH_POLICY_FILE": str(POLICY_FILE),
     }
 
 
-def member_tokens(secret: str, ids: list[int]) -> list[str]:
+def tokens_for(secret: str, role: str, ids: list[int]) -> list[str]:
     settings = Settings(
         _env_file=None,
         auth_jwt_secret=secret,
@@ -109,7 +109,7 @@ def member_tokens(secret: str, ids: list[int]) -> list[str]:
         auth_issuer=None,
         auth_role_claim="role",
     )
-    return [issue_token(settings, sub=str(i), role=ROLE, ttl_s=TOKEN_TTL_S, claims={}) for i in ids]
+    return [issue_token(settings, sub=str(i), role=role, ttl_s=TOKEN_TTL_S, claims={}) for i in ids]
 
 
 async def climb(
@@ -164,17 +164,16 @@ async def climb(
     }
 
 
-async def one(ctx: Context, variant: Variant, secret: str, tokens: list[str]) -> dict[str, Any]:
+async def one_variant(
+    ctx: Context, server: RunningServer, writers: ChangeWriters, variant: Variant, tokens: list[str]
+) -> dict[str, Any]:
     sz = ctx.sizes
     n = sz.policy_subscribers
     ids = list(range(1, n + 1))
-    await db.reset_users(REALTIME.database, max(sz.seed_rows, n))
-    async with (
-        running(REALTIME, ctx.log_dir, ctx.workers, env=server_env(secret, variant.policy)) as server,
-        # Two shards from the start: the climb goes past what one keeps up with (SHARD_THRESHOLD).
-        SubscriberPool(server, ctx.shards or 2, filter_base=1, tokens=tokens, filter_mode=variant.filter_mode) as pool,
-        ChangeWriters(REALTIME.database, sz.policy_writers) as writers,
-    ):
+    # Two shards from the start: the climb goes past what one keeps up with (SHARD_THRESHOLD).
+    async with SubscriberPool(
+        server, ctx.shards or 2, filter_base=1, tokens=tokens, filter_mode=variant.filter_mode
+    ) as pool:
         opened = await pool.open(n)
         require_open(REALTIME, n, opened)
         await asyncio.sleep(1.0)
@@ -198,7 +197,31 @@ async def one(ctx: Context, variant: Variant, secret: str, tokens: list[str]) ->
             flush=True,
         )
         climbed = await climb(ctx, server.pid, pool, writers, opened, ids)
+    # The shards closed their sockets: give the server a moment to drop those subscriptions before the next set.
+    await asyncio.sleep(2.0)
     return {"variant": variant.name, "fixed": fixed.summary(), **climbed}
+
+
+async def one_round(
+    ctx: Context, result: ScenarioResult, round_index: int, secret: str, tokens: dict[str, list[str]]
+) -> None:
+    sz = ctx.sizes
+    await db.reset_users(REALTIME.database, max(sz.seed_rows, sz.policy_subscribers))
+    async with (
+        running(REALTIME, ctx.log_dir, ctx.workers, env=server_env(secret)) as server,
+        ChangeWriters(REALTIME.database, sz.policy_writers) as writers,
+    ):
+        for variant in alternate(list(VARIANTS), round_index):
+            record = await attempt(
+                result,
+                f"{variant.name} round {round_index + 1}",
+                one_variant(ctx, server, writers, variant, tokens[variant.role]),
+            )
+            if record is None:
+                continue
+            record = {"round": round_index + 1, **record}
+            result.runs.append(record)
+            result.rows.append(row(record))
 
 
 def row(record: Mapping[str, Any]) -> list[Any]:
@@ -225,20 +248,20 @@ async def run(ctx: Context) -> ScenarioResult:
     sz = ctx.sizes
     result = ScenarioResult(
         name="policy",
-        title=f"row-level policies: {sz.policy_subscribers} members, each reading its own row "
+        title=f"row-level policies: {sz.policy_subscribers} subscribers, each receiving its own row "
         f"({sz.policy_rate:g} changes/s for {sz.policy_seconds:g}s, then a climb with p99 <= {SATURATION_P99_MS:g} ms)",
         params={
             "subscribers": sz.policy_subscribers,
             "rate": sz.policy_rate,
             "seconds": sz.policy_seconds,
             "writers": sz.policy_writers,
+            "rows_per_commit": sz.policy_rows_per_commit,
             "climb_start": sz.policy_start,
             "climb_factor": sz.policy_factor,
             "climb_step_seconds": sz.policy_step_seconds,
             "climb_max_steps": sz.policy_max_steps,
-            "climb_rows_per_commit": sz.policy_rows_per_commit,
             "policy_file": POLICY_FILE.read_text(),
-            "variants": {v.name: {"policy": v.policy is not None, "filter": v.filter_mode == "ask"} for v in VARIANTS},
+            "variants": {v.name: {"role": v.role, "filter": v.filter_mode == "ask"} for v in VARIANTS},
             "workers": ctx.workers,
         },
         columns=COLUMNS,
@@ -247,15 +270,10 @@ async def run(ctx: Context) -> ScenarioResult:
         result.notes.append("realtime is not among the servers or cannot run: nothing measured")
         return result
     secret = secrets.token_hex(32)
-    tokens = member_tokens(secret, list(range(1, sz.policy_subscribers + 1)))
+    ids = list(range(1, sz.policy_subscribers + 1))
+    tokens = {role: tokens_for(secret, role, ids) for role in {v.role for v in VARIANTS}}
     for round_index in range(ctx.round_count()):
-        for variant in alternate(list(VARIANTS), round_index):
-            record = await attempt(result, f"{variant.name} round {round_index + 1}", one(ctx, variant, secret, tokens))
-            if record is None:
-                continue
-            record = {"round": round_index + 1, **record}
-            result.runs.append(record)
-            result.rows.append(row(record))
+        await attempt(result, f"round {round_index + 1}", one_round(ctx, result, round_index, secret, tokens))
     summarize(result)
     return result
 
