@@ -60,12 +60,7 @@ class ChangeFrames:
     ) -> bytes | None:
         """The encoded frame this subscription receives, or None when the change does not touch its view."""
         if (grant is None and not row_filter.conditions) or self._change.op == "TRUNCATE":
-            # The common case, kept short: the whole table is the view, one body per change.
-            frame = self._whole.get(sub_id)
-            if frame is None:
-                whole = self._whole_body(key_columns)
-                frame = self._whole[sub_id] = encode_text_frame(change_frame(sub_id, whole))
-            return frame
+            return self.whole_frame(sub_id, key_columns)
         decided = self.decide(row_filter, grant, key_columns)
         if decided is None:
             return None
@@ -74,6 +69,13 @@ class ChangeFrames:
         frame = self._encoded.get(cache_key)
         if frame is None:
             frame = self._encoded[cache_key] = encode_text_frame(change_frame(sub_id, body()))
+        return frame
+
+    def whole_frame(self, sub_id: str, key_columns: tuple[str, ...]) -> bytes:
+        """The frame of a subscription whose view is the whole table (no filter, no grant): one body per change."""
+        frame = self._whole.get(sub_id)
+        if frame is None:
+            frame = self._whole[sub_id] = encode_text_frame(change_frame(sub_id, self._whole_body(key_columns)))
         return frame
 
     def text(self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> str | None:
