@@ -42,7 +42,7 @@ test-pg15:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy --strict realtime
+	$(BIN)/mypy --strict realtime tests bench
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

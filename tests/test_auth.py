@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def assert_unauthorized(response: httpx.Response, detail: str) -> None:
 
 
 # A token for each way to fail, and the words the refusal must contain.
-BAD_TOKENS = {
+BAD_TOKENS: dict[str, tuple[Callable[[], str], str]] = {
     "expired": (lambda: make_token(ttl=-60), "token expired"),
     "wrong-signature": (lambda: make_token(OTHER_SECRET), "bad signature"),
     "alg-none": (lambda: make_token(None, algorithm="none"), "algorithm 'none' is not accepted"),
@@ -443,7 +443,7 @@ async def test_jwks_keys_are_fetched_by_kid_and_a_rotation_is_followed(
             return (await http.get("/users", headers=bearer(rotated))).status_code == 200
 
         await eventually(served, 10, "the rotated key k2 fetched and accepted")
-        unsigned = jwt.encode(claims(), None, algorithm="none", headers={"kid": "k2"})
+        unsigned = jwt.encode(claims(), "", algorithm="none", headers={"kid": "k2"})  # "": no key, typed
         assert_unauthorized(await http.get("/users", headers=bearer(unsigned)), "algorithm 'none' is not accepted")
         assert 2 <= key_set.fetches <= 10  # fetched on demand, not per request
 

@@ -66,7 +66,7 @@ async def refused(server: ServerProcess, **kwargs: Any) -> InvalidStatus:
     return refusal.value
 
 
-def assert_problem(status: int, headers: Any, body: bytes, expected: int, slug: str) -> None:
+def assert_problem(status: int, headers: Any, body: bytes | bytearray, expected: int, slug: str) -> None:
     assert status == expected, body
     assert headers["content-type"] == "application/problem+json"
     problem = orjson.loads(body)

@@ -132,7 +132,7 @@ async def test_live_changes_are_limited_to_the_rule_and_trimmed(
         frames = await fence(db, table, member, "m")
     finally:
         await member.close()
-    assert [(f["op"], (f.get("row") or f.get("old"))["id"]) for f in frames] == [("INSERT", mine), ("DELETE", mine)]
+    assert [(f["op"], (f.get("row") or f["old"])["id"]) for f in frames] == [("INSERT", mine), ("DELETE", mine)]
     assert frames[0]["row"] == {"id": mine, "k": 3, "v": "mine"}
     assert frames[1]["old"] == {"id": mine, "k": 3, "v": "mine"}
 
@@ -178,7 +178,7 @@ async def test_rules_of_a_role_add_up_and_show_the_columns_of_the_rules_that_hol
         only_v = await insert(db, table, 2, "x")
         await insert(db, table, 2, "y")
         last = await insert(db, table, 1, "last")
-        rows = []
+        rows: list[dict[str, Any]] = []
         while not rows or rows[-1]["id"] != last:
             rows.append((await client.changes(1))[0]["row"])
     finally:

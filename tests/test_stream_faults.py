@@ -21,10 +21,10 @@ import psutil  # type: ignore[import-untyped]  # a dependency of embedded-postgr
 import pytest
 
 from realtime.dsn import Dsn
+from realtime.stream.listener import APPLICATION_NAME as LISTENER_APPLICATION_NAME
 from tests.support.databases import EmbeddedPostgres, private_directory
 from tests.support.faults import (
     FAST_RECOVERY,
-    LISTENER_APPLICATION_NAME,
     Frame,
     PgProxy,
     Recorder,

@@ -216,7 +216,7 @@ async def test_the_changelog_reads_a_truncate(db: asyncpg.Connection) -> None:
         assert (changes[0].new_row, changes[0].old_row, changes[0].filter_row) == (None, None, {})
 
 
-async def _snapshot(conn: asyncpg.Connection, table: str) -> tuple[int, list[object]]:
+async def _snapshot(conn: asyncpg.Connection, table: str) -> tuple[int, list[int]]:
     """The position and the `k` of every row of a whole-table snapshot read on `conn`."""
     streamed = await changelog.streamed_table(conn, TableKey("public", table))
     assert streamed is not None
@@ -238,9 +238,9 @@ async def test_a_snapshot_is_exact_across_a_truncate_in_progress(
         await eventually(lambda: _waiting_for_a_lock(db, other), 10, "the snapshot waits for the TRUNCATE")
     position, rows = await asyncio.wait_for(snapshot, 10)
     changes = await committed_changes(db, table)
-    state: list[object] = []
+    state: list[int] = []
     for change in (c for c in changes if c["seq"] <= position):
-        state = [] if change["op"] == "TRUNCATE" else [*state, change["row"]["k"]]  # type: ignore[index]
+        state = [] if change["op"] == "TRUNCATE" else [*state, change["row"]["k"]]
     assert rows == sorted(state)
     assert (position, rows) == (changes[-1]["seq"], [3])
 

@@ -298,7 +298,9 @@ async def test_list_accepts_limit_500(http: httpx.AsyncClient) -> None:
         pytest.param({"after": "x"}, "after", id="after-not-integer"),
     ],
 )
-async def test_list_invalid_parameters_are_422(http: httpx.AsyncClient, params: dict[str, object], field: str) -> None:
+async def test_list_invalid_parameters_are_422(
+    http: httpx.AsyncClient, params: dict[str, str | int], field: str
+) -> None:
     """Out-of-range or non-integer limit/after gets 422 naming the parameter."""
     problem = assert_problem(await http.get("/users", params=params), 422, "validation-error", {field})
     assert problem["errors"][0]["location"] == "query"
@@ -432,7 +434,9 @@ async def test_patch_with_weak_or_malformed_if_match_is_412(http: httpx.AsyncCli
     """If-Match compares strongly: a weak tag or anything that is not exactly one of our tags is a 412."""
     user = await create(http)
     # Sent as Latin-1 bytes: httpx would refuse "²" in a str header.
-    response = await http.patch(f"/users/{user['id']}", json={"name": "B"}, headers={"If-Match": tag.encode("latin-1")})
+    response = await http.patch(
+        f"/users/{user['id']}", json={"name": "B"}, headers={b"If-Match": tag.encode("latin-1")}
+    )
     assert_problem(response, 412, "precondition-failed")
 
 

