@@ -260,8 +260,6 @@ class Outbox:
                     self.sending_since = None
                     if seq > self.last_seq_sent:
                         self.last_seq_sent = seq
-        except asyncio.CancelledError:
-            raise
         except Exception:  # the peer went away mid-send; nothing more can reach it
             self._drop_queued()
             self._signal_room()
