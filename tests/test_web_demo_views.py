@@ -1,0 +1,210 @@
+"""The demo page applies a change's `view` (docs/protocol.md, "change"): an update that takes a row out of the
+page's filter removes it and one that brings it back adds it; a TRUNCATE of `users` empties the table of every
+page, filtered or not, and rows inserted after it show as usual.
+
+The browser is Debian's Chromium driven by playwright (tests/support/browser.py); the pages talk to a server of
+this module's own on the suite's shared database. The TRUNCATE empties the shared `users` table for good: the
+tests after this module make their own users and assume nothing about what the table already holds, so nothing
+is put back, and the test inserts the users it needs after the TRUNCATE.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+
+from realtime.dsn import Dsn
+from tests.support.browser import STREAM_TIMEOUT_MS, DemoPage, launch
+from tests.support.server import ServerProcess, running_server
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.timeout(90)
+
+OpenPage = Callable[[str], Awaitable[DemoPage]]
+
+
+def unique_email(label: str) -> str:
+    return f"{label}.{secrets.token_hex(4)}@example.com"
+
+
+async def insert_user(db: asyncpg.Connection, name: str, email: str) -> int:
+    user_id: int = await db.fetchval("INSERT INTO users (name, email) VALUES ($1, $2) RETURNING id", name, email)
+    return user_id
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for this module."""
+    async with async_playwright() as playwright:
+        chromium = await launch(playwright)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+@pytest.fixture(scope="module")
+async def views_server(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
+    """A server of this module's own, so no other module's pages or clients see its TRUNCATE."""
+    async with running_server(database_url, artifacts_dir / "web-demo-views.log") as server:
+        yield server
+
+
+@pytest.fixture
+async def open_page(
+    browser: Browser, views_server: ServerProcess, artifacts_dir: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[OpenPage]:
+    """Open demo pages on the module's server in this test's own browser context; no page may throw."""
+    context: BrowserContext = await browser.new_context()
+    pages: list[DemoPage] = []
+
+    async def open_(name: str) -> DemoPage:
+        page = await DemoPage.new(context, name)
+        pages.append(page)  # before loading, so a page that never gets ready still leaves its console log
+        await page.load(views_server.base_url)
+        return page
+
+    try:
+        yield open_
+    finally:
+        for page in pages:
+            page.save_console(artifacts_dir / f"{request.node.name}-{page.name}-console.log")
+        await context.close()
+    errors = {page.name: page.page_errors for page in pages if page.page_errors}
+    assert not errors, f"uncaught errors in the page: {errors}"
+
+
+@pytest.fixture
+async def http(views_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=views_server.base_url, timeout=10.0) as client:
+        yield client
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+async def apply_filter(page: DemoPage, column: str, op: str, value: str) -> None:
+    """Filter the table through the page's form and wait until the filtered snapshot is shown."""
+    form = page.page.get_by_test_id("filter-form")
+    await form.get_by_test_id("filter-column").select_option(column)
+    await form.get_by_test_id("filter-op").select_option(op)
+    await form.get_by_test_id("filter-value").fill(value)
+    await form.get_by_test_id("filter-apply").click()
+    await expect(page.page.get_by_test_id("filter-active")).to_have_text(f'where {column} {op} "{value}"')
+    # Applying clears the seq display; it shows a number again once the new subscription's snapshot is in.
+    await page.wait_ready()
+    await expect(page.page.get_by_test_id("subscription")).to_have_text("live", timeout=STREAM_TIMEOUT_MS)
+
+
+async def set_email(http: httpx.AsyncClient, user_id: int, email: str) -> dict[str, Any]:
+    """Change a user's email over REST, conditional on the version a GET just returned."""
+    current = await http.get(f"/users/{user_id}")
+    assert current.status_code == 200, current.text
+    response = await http.patch(
+        f"/users/{user_id}", json={"email": email}, headers={"If-Match": current.headers["ETag"]}
+    )
+    assert response.status_code == 200, response.text
+    user: dict[str, Any] = response.json()
+    return user
+
+
+async def changes_received(page: DemoPage, since: int, count: int) -> list[dict[str, Any]]:
+    """The change frames the page received from its `since`-th frame on, in order, once there are `count`."""
+
+    async def received() -> list[dict[str, Any]]:
+        frames = [frame for _, frame in page.received_frames[since:] if frame.get("type") == "change"]
+        return frames if len(frames) >= count else []
+
+    frames: list[dict[str, Any]] = await eventually(
+        received, STREAM_TIMEOUT_MS / 1000, f"{count} changes on {page.name}"
+    )
+    return frames
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+
+async def test_update_out_of_the_filter_removes_the_row_and_back_adds_it(
+    open_page: OpenPage, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """Filtered on `email eq X`, an update of the email away from X removes the row and one back to X re-adds it."""
+    email = unique_email("filtered")
+    user_id = await insert_user(db, "Filtered Fiona", email)
+    other = await insert_user(db, "Other Otto", unique_email("other"))
+    page = await open_page("page")
+    await page.page.evaluate("window.__notReloaded = true")
+    await expect(page.row(other)).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+
+    await apply_filter(page, "email", "eq", email)
+    rows = page.page.get_by_test_id("user-row")
+    await expect(rows).to_have_count(1)
+    await expect(page.cell(user_id, "email")).to_have_text(email)
+    await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
+    start = len(page.received_frames)
+
+    moved = await set_email(http, user_id, unique_email("moved"))
+    await expect(page.any_row(user_id)).to_have_count(0, timeout=STREAM_TIMEOUT_MS)
+    await expect(page.page.get_by_test_id("user-count")).to_have_text("0 users")
+    removed = await changes_received(page, start, 1)
+    assert [(f["op"], f["view"], f["key"]) for f in removed] == [("UPDATE", "removed", {"id": user_id})], removed
+    assert "row" not in removed[0]
+
+    back = await set_email(http, user_id, email)
+    assert back["version"] == moved["version"] + 1
+    await expect(page.cell(user_id, "email")).to_have_text(email, timeout=STREAM_TIMEOUT_MS)
+    await expect(page.cell(user_id, "version")).to_have_text(str(back["version"]))
+    await expect(rows).to_have_count(1)
+    await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
+    added = (await changes_received(page, start, 2))[1:]
+    assert [(f["op"], f["view"], f["key"]) for f in added] == [("UPDATE", "added", {"id": user_id})], added
+    assert "old" not in added[0]
+
+    # The filter stayed in force throughout, and the other user never came back into this view.
+    await expect(page.page.get_by_test_id("filter-active")).to_have_text(f'where email eq "{email}"')
+    await expect(page.row(other)).to_have_count(0)
+    assert await page.page.evaluate("window.__notReloaded") is True
+
+
+async def test_truncate_empties_every_page_and_later_inserts_show(open_page: OpenPage, db: asyncpg.Connection) -> None:
+    """A TRUNCATE of `users` empties a plain and a filtered page alike; a user inserted after it shows in both."""
+    email = unique_email("truncated")
+    kept_before = [
+        await insert_user(db, "Before Bea", email),
+        await insert_user(db, "Before Bo", unique_email("before")),
+    ]
+    everything = await open_page("all")
+    filtered = await open_page("filtered")
+    await apply_filter(filtered, "email", "eq", email)
+    for user_id in kept_before:
+        await expect(everything.row(user_id)).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
+    await expect(filtered.page.get_by_test_id("user-row")).to_have_count(1)
+    await expect(filtered.row(kept_before[0])).to_have_count(1)
+    starts = {page.name: len(page.received_frames) for page in (everything, filtered)}
+
+    await db.execute("TRUNCATE users", timeout=10)
+    for page in (everything, filtered):
+        await expect(page.page.get_by_test_id("users-body").locator("tr")).to_have_count(0, timeout=STREAM_TIMEOUT_MS)
+        await expect(page.page.get_by_test_id("user-count")).to_have_text("0 users")
+        resets = await changes_received(page, starts[page.name], 1)
+        assert [(f["op"], f["view"]) for f in resets] == [("TRUNCATE", "reset")], (page.name, resets)
+        assert not {"key", "row", "old"} & resets[0].keys(), resets
+        await expect(page.page.get_by_test_id("seq")).to_have_text(str(resets[0]["seq"]))
+
+    # The email is free again; the new owner matches the filtered page's filter too.
+    newcomer = await insert_user(db, "After Ada", email)
+    for page in (everything, filtered):
+        await expect(page.cell(newcomer, "email")).to_have_text(email, timeout=STREAM_TIMEOUT_MS)
+        await expect(page.page.get_by_test_id("user-row")).to_have_count(1)
+        await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
+        added = (await changes_received(page, starts[page.name], 2))[1:]
+        assert [(f["op"], f["view"], f["key"]) for f in added] == [("INSERT", "added", {"id": newcomer})], added
