@@ -15,9 +15,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
+import anyio
 from fastapi import Depends, FastAPI
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from realtime import __version__, health, resources, supervision
@@ -104,8 +107,20 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(users_router, dependencies=[Depends(authenticate)] if verifier is not None else None)
     if settings.auth_dev_tokens:
         app.include_router(dev_tokens.router)
-    app.mount("/", DemoPagePolicy(StaticFiles(directory=resources.web_demo(), html=True)), name="web_demo")
+    app.mount("/", DemoPagePolicy(DemoFiles(directory=resources.web_demo(), html=True)), name="web_demo")
     return app
+
+
+class DemoFiles(StaticFiles):
+    """The demo page's files, mounted at `/` and so asked for every path no route has. A method other than GET or
+    HEAD on a path that is no file is 404, as that path is for GET: StaticFiles answers 405 before it looks."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        if scope["method"] not in ("GET", "HEAD"):
+            _, found = await anyio.to_thread.run_sync(self.lookup_path, path)
+            if found is None:
+                raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)
 
 
 class RealtimeApp(FastAPI):

@@ -625,6 +625,8 @@ async def test_unknown_path_is_404_problem(http: httpx.AsyncClient) -> None:
         ("DELETE", "/users", "GET, POST"),
         ("OPTIONS", "/users", "GET, POST"),
         ("POST", "/healthz", "GET"),
+        ("POST", "/index.html", "GET, HEAD"),
+        ("DELETE", "/", "GET, HEAD"),
     ],
 )
 async def test_wrong_method_is_405_problem_with_allow(
@@ -636,6 +638,13 @@ async def test_wrong_method_is_405_problem_with_allow(
     assert response.headers["allow"] == allow
     if method != "HEAD":  # a HEAD answer has no body
         assert_problem(response, 405, "method-not-allowed")
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+async def test_any_method_on_a_path_that_does_not_exist_is_404(http: httpx.AsyncClient, method: str) -> None:
+    """The demo page is mounted at `/`; a path that is neither a route nor one of its files is 404 whatever the
+    method, not 405 as if it existed for GET."""
+    assert_problem(await http.request(method, "/no-such-path"), 404, "not-found")
 
 
 async def test_api_doc_covers_every_operation_and_problem_type(http: httpx.AsyncClient) -> None:
