@@ -75,7 +75,8 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
     connection is open; each middleware layer costs hundreds of bytes per idle connection, and none of them
     does anything for a WebSocket (the HTTP ones pass it through, the exception handlers render HTTP errors).
     For the same reason it speaks ASGI directly rather than through Starlette's WebSocket wrapper. `send` is
-    the server's own, which is what lets `sink_for` write frames straight to the transport.
+    the server's own; the server's protocol (ws_protocol.py) offers the transport under the scope's extensions,
+    which is what lets `sink_for` write frames straight to it.
     """
     pipeline: StreamPipeline = scope["state"]["stream"]
     settings = pipeline.settings
@@ -97,8 +98,10 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
         # Nothing reads the handshake's headers after this, and the scope lives as long as the connection: a
         # browser's (cookies, user agent) alone can weigh more than the rest of an idle connection's state.
         scope["headers"] = ()
+        sink = sink_for(scope, send)
+        _say_once_if_not_direct(sink.direct)
         outbox = Outbox(
-            sink_for(send),
+            sink,
             send,
             pipeline.flusher,
             max_frames=settings.ws_queue_size,
@@ -135,6 +138,18 @@ def _address(scope: Scope) -> str | None:
     """The client as uvicorn's access lines write it, `address:port`."""
     client = scope.get("client")
     return f"{client[0]}:{client[1]}" if client else None
+
+
+_said_not_direct = False
+
+
+def _say_once_if_not_direct(direct: bool) -> None:
+    """Log once per process when frames cannot be written directly (WS_COMPRESSION, or a server other than
+    `realtime serve`): every frame then costs an ASGI message, a visible difference in CPU per frame."""
+    global _said_not_direct
+    if not direct and not _said_not_direct:
+        _said_not_direct = True
+        _log.info("WebSocket frames go through ASGI send (compression negotiated, or not realtime's protocol)")
 
 
 class _Closing(Exception):

@@ -1,19 +1,43 @@
-"""Where an outbox's frames go: straight onto uvicorn's transport, or through ASGI `send`.
+"""Where an outbox's frames go: straight onto the connection's transport, or through ASGI `send`.
 
 Every subscriber of a change gets the same bytes, so the hub encodes a frame once (`encode_text_frame`) and
 the direct sink writes those bytes to each transport, several frames in one write. That is only valid for a
-plain (uncompressed) server-to-client WebSocket, whose frames are unmasked: header + UTF-8 payload. The sink is
-used when the connection is served by uvicorn's websockets-sansio protocol with no extension negotiated;
-anything else (e.g. WS_COMPRESSION=true) goes through ASGI `send`, one message at a time.
+plain (uncompressed) server-to-client WebSocket, whose frames are unmasked: header + UTF-8 payload.
+
+ASGI has no way to write raw frames, so the server must offer one: realtime's WebSocket protocol
+(ws_protocol.py, the one module that knows uvicorn's internals) publishes a `DirectFrames` object under the ASGI
+scope's `extensions` (`{FRAMES_EXTENSION: {"frames": ...}}`), usable when no extension such as compression was
+negotiated. Without it (another server, WS_COMPRESSION=true) frames go through ASGI `send`, one message at a
+time. A failed write to one transport closes that connection only: it never reaches the hub, which writes to
+every connection in turn.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+_log = logging.getLogger(__name__)
+
+FRAMES_EXTENSION = "realtime.frames"
+
+
+class DirectFrames(Protocol):
+    """What a server offers for writing encoded frames to one connection (see ws_protocol.py)."""
+
+    transport: asyncio.Transport
+    writable: asyncio.Event
+
+    def usable(self) -> bool:
+        """Raw frames are valid on this connection: it negotiated no extension."""
+        ...
+
+    def gone(self) -> bool:
+        """The connection is closing or closed: nothing written now would arrive."""
+        ...
+
 
 _TEXT_FIN = 0x81
 
@@ -61,26 +85,30 @@ class Sink(Protocol):
 
 
 class TransportSink:
-    """Writes encoded frames to uvicorn's transport; flow control follows the protocol's `writable` event."""
+    """Writes encoded frames to the connection's transport; flow control follows the protocol's `writable` event."""
 
     direct = True
 
-    def __init__(self, protocol: Any) -> None:
-        self._protocol = protocol
-        self._transport: asyncio.Transport = protocol.transport
-        self._writable: asyncio.Event = protocol.writable
+    def __init__(self, frames: DirectFrames) -> None:
+        self._frames = frames
+        self._transport = frames.transport
+        self._writable = frames.writable
 
     def writable(self) -> bool:
         return self._writable.is_set()
 
     def gone(self) -> bool:
-        return bool(self._protocol.close_sent or self._protocol.disconnected or self._transport.is_closing())
+        return self._frames.gone()
 
     def ready(self) -> bool:
-        return self._writable.is_set() and not self.gone()
+        return self._writable.is_set() and not self._frames.gone()
 
     def write(self, data: bytes) -> None:
-        self._transport.write(data)
+        try:
+            self._transport.write(data)
+        except Exception as error:  # whatever one transport does, the hub goes on to the next connection
+            _log.warning("writing to a WebSocket failed (%s: %s); closing it", type(error).__name__, error)
+            self._transport.abort()
 
     async def wait_writable(self) -> None:
         await self._writable.wait()
@@ -124,22 +152,10 @@ class AsgiSink:
             self._transport.abort()
 
 
-def sink_for(send: Callable[[dict[str, Any]], Awaitable[None]]) -> Sink:
-    """The fastest sink valid for this connection, given the ASGI `send` the app received.
-
-    uvicorn's `send` is a bound method of its protocol object, which owns the transport and the `writable`
-    flow-control event; ASGI itself offers no way to write raw frames or to abort a peer that reads nothing.
-    Any other `send` (another server, a wrapping middleware, a negotiated extension) gets the ASGI sink.
-    """
-    protocol = getattr(send, "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    conn = getattr(protocol, "conn", None)
-    if (
-        isinstance(protocol, WebSocketsSansIOProtocol)
-        and transport is not None
-        and isinstance(getattr(protocol, "writable", None), asyncio.Event)
-        and conn is not None
-        and not getattr(conn, "extensions", [None])
-    ):
-        return TransportSink(protocol)
-    return AsgiSink(send, transport)
+def sink_for(scope: Mapping[str, Any], send: Callable[[dict[str, Any]], Awaitable[None]]) -> Sink:
+    """The fastest sink valid for this connection, once the handshake is complete: direct when the server offers
+    DirectFrames and they are usable, else ASGI `send` (which still aborts through the offered transport)."""
+    frames: DirectFrames | None = scope.get("extensions", {}).get(FRAMES_EXTENSION, {}).get("frames")
+    if frames is not None and frames.usable():
+        return TransportSink(frames)
+    return AsgiSink(send, frames.transport if frames is not None else None)

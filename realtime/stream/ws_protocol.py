@@ -9,6 +9,10 @@ hours of doing nothing:
                 (about 4 KB with a test client's seven headers; a browser's cookies and user agent make it more)
     open        ASGI messages from the client wait in a list with one future for the app's single reader,
                 not in an asyncio.Queue, which allocates four deques up front (3 KB)
+
+It also offers the app a way to write pre-encoded frames straight to the transport (wire.py): a `_DirectFrames`
+under the scope's `extensions`, so that what the stream needs of uvicorn's protocol (its transport, its flow
+control event, whether a close was sent) is read here, next to the code it depends on, and nowhere else.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.http11 import Request
+
+from realtime.stream.wire import FRAMES_EXTENSION
 
 
 class LeanWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
@@ -36,6 +42,10 @@ class LeanWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
+        if self.handshake_complete:
+            return  # refused by websockets before the app (the 4xx response is already written)
+        # ASGI extensions are dicts of what the server offers; this one holds the object wire.py writes through.
+        self.scope.setdefault("extensions", {})[FRAMES_EXTENSION] = {"frames": _DirectFrames(self)}
         # The scope carries everything the app may read; uvicorn keeps the request but never reads it again.
         del self.request
         # websockets' parser holds on to the request too (a local of its generator, which runs for as long as
@@ -48,6 +58,25 @@ class LeanWebSocketsSansIOProtocol(WebSocketsSansIOProtocol):
         if accepting and self.handshake_complete:
             # Sent: uvicorn only reads the prepared response to complete the handshake.
             del self.response
+
+
+class _DirectFrames:
+    """wire.DirectFrames for one connection of this protocol."""
+
+    __slots__ = ("_protocol", "transport", "writable")
+
+    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+        self._protocol = protocol
+        self.transport = protocol.transport
+        self.writable = protocol.writable
+
+    def usable(self) -> bool:
+        # Known once the handshake is complete; a negotiated extension (compression) changes the framing.
+        return not self._protocol.conn.extensions
+
+    def gone(self) -> bool:
+        protocol = self._protocol
+        return bool(protocol.close_sent or protocol.disconnected or self.transport.is_closing())
 
 
 class _Inbox:
