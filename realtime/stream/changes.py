@@ -29,8 +29,9 @@ class TableKey(NamedTuple):
 @dataclass(eq=False, slots=True)
 class Change:
     """One committed change: of a row (`op` INSERT, UPDATE or DELETE), or a TRUNCATE of the whole table, which
-    has no rows (`new_json` and `old_json` are None). Rows stay as the JSON text PostgreSQL produced until a
-    filter needs them, so a change that only unfiltered subscriptions receive is never decoded or re-encoded."""
+    has no rows (`new_json` and `old_json` are None). Rows stay as the JSON text PostgreSQL produced: a row is
+    decoded once per change (for its key, and for filters and rules), and a subscription that sees whole rows
+    gets that text spliced into its frame, never re-encoded."""
 
     seq: int
     table: TableKey
