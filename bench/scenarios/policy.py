@@ -304,12 +304,11 @@ def summarize(result: ScenarioResult) -> None:
             "lost": sum(r["fixed"]["lost"] + sum(s["lost"] for s in r["steps"] if s["held"]) for r in runs),
             "wrong": sum(r["fixed"]["unexpected"] + sum(s["unexpected"] for s in r["steps"]) for r in runs),
         }
-    base = result.summary.get(BASELINE)
-    if base is None:
-        return
+    variants = dict(result.summary)  # the variants measured; summary keys added below are not variants
+    base = variants.get(BASELINE)
     for variant in VARIANTS[1:]:
-        mine = result.summary.get(variant.name)
-        if mine is None:
+        mine = variants.get(variant.name)
+        if base is None or mine is None:
             continue
         key = f"cpu per frame {variant.name}/{BASELINE}"
         result.ratios[key] = ratio(mine["cpu_ms_per_1k_frames"]["median"], base["cpu_ms_per_1k_frames"]["median"])
@@ -323,8 +322,9 @@ def summarize(result: ScenarioResult) -> None:
                 f"cpu per frame {variant.name}/{BASELINE} round by round: " + ", ".join(f"{p:.2f}" for p in paired)
             )
         result.targets.append(Target(key, result.ratios[key], "<=", POLICY_CPU_VS_UNRESTRICTED))
+    _step_ratios(result)
     low, high = SUPABASE_RLS_MESSAGES_PER_S
-    for name, per in result.summary.items():
+    for name, per in variants.items():
         held = per["held_deliveries_per_s"]["median"]
         if held is not None:
             result.ratios[f"held deliveries/s {name} / Supabase RLS ceiling {high:,}"] = held / high
@@ -332,8 +332,9 @@ def summarize(result: ScenarioResult) -> None:
         f"Supabase's published Postgres Changes throughput with RLS: {low:,}-{high:,} messages/s in total; "
         "a climb stopped by 'writers', 'loadgen' or 'step budget' is a lower bound"
     )
-    wrong = sum(per["lost"] + per["wrong"] for per in result.summary.values())
-    result.targets.append(Target("lost + wrong deliveries (every variant)", float(wrong), "<=", 0))
+    if variants:
+        wrong = sum(per["lost"] + per["wrong"] for per in variants.values())
+        result.targets.append(Target("lost + wrong deliveries (every variant)", float(wrong), "<=", 0))
 
 
 def _paired_ratios(runs: list[dict[str, Any]], name: str) -> list[float]:
@@ -347,3 +348,24 @@ def _paired_ratios(runs: list[dict[str, Any]], name: str) -> list[float]:
         if value is not None:
             out.append(value)
     return out
+
+
+def _step_ratios(result: ScenarioResult) -> None:
+    """CPU per frame at each climb rate, over the steps each variant held: heavier loads than the fixed window's,
+    where the per-read cost is spread over more frames and a per-frame overhead weighs more."""
+    by_rate: dict[float, dict[str, list[float | None]]] = {}
+    for r in result.runs:
+        for step in r["steps"]:
+            if step["held"]:
+                per = by_rate.setdefault(step["rate_offered"], {})
+                per.setdefault(r["variant"], []).append(step["server_cpu_ms_per_1k_frames"])
+    table = {rate: {name: median(values) for name, values in per.items()} for rate, per in sorted(by_rate.items())}
+    result.summary["held_step_cpu_ms_per_1k_frames"] = {f"{rate:g}": per for rate, per in table.items()}
+    for variant in VARIANTS[1:]:
+        parts = []
+        for rate, cpu in table.items():
+            value = ratio(cpu.get(variant.name), cpu.get(BASELINE))
+            if value is not None:
+                parts.append(f"{rate:,.0f}/s {value:.2f}")
+        if parts:
+            result.notes.append(f"cpu per frame {variant.name}/{BASELINE} at held climb steps: " + ", ".join(parts))
