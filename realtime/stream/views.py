@@ -149,32 +149,45 @@ class ChangeFrames:
             view = grant.view(new) if row_filter.matches(new) else False
             if not view:
                 return None
-            return (ADDED, view), lambda: self._compose(ADDED, self._key(key_columns, False), _text(new, view), None)
+            return (ADDED, view), lambda: self._compose(
+                ADDED, self._key(key_columns, False), self._shown(False, view), None
+            )
         if op == "DELETE":
             old = self._old
             view = grant.view(old) if row_filter.matches(old) else False
             if not view:
                 return None
-            return (REMOVED, view), lambda: self._compose(REMOVED, self._key(key_columns, True), None, _text(old, view))
+            return (REMOVED, view), lambda: self._compose(
+                REMOVED, self._key(key_columns, True), None, self._shown(True, view)
+            )
         new, old = self._new, self._old
         readable_new, readable_old = grant.view(new), grant.view(old)
         in_new = readable_new if readable_new and row_filter.matches(new) else False
         in_old = readable_old if readable_old and row_filter.matches(old) else False
         if in_new and in_old:
             return (MODIFIED, in_new, in_old), lambda: self._compose(
-                MODIFIED, self._key(key_columns, False), _text(new, in_new), _text(old, in_old)
+                MODIFIED, self._key(key_columns, False), self._shown(False, in_new), self._shown(True, in_old)
             )
         if in_new:
             return (ADDED, in_new), lambda: self._compose(
-                ADDED, self._key(key_columns, False), _text(new, in_new), None
+                ADDED, self._key(key_columns, False), self._shown(False, in_new), None
             )
         if not in_old:
             return None
         key = self._key(key_columns, True)
         if readable_new:  # only the filter moved it out: the old values were the subscriber's to read
-            return (REMOVED, in_old), lambda: self._compose(REMOVED, key, None, _text(old, in_old))
+            return (REMOVED, in_old), lambda: self._compose(REMOVED, key, None, self._shown(True, in_old))
         # Out of what the grant lets it read: nothing of the row but the key it already knows.
         return (REMOVED, "key"), lambda: self._compose(REMOVED, key, None, key)
+
+    def _shown(self, old: bool, view: RowView) -> str:
+        """The new (or old) row as the grant shows it: PostgreSQL's own text when it shows every column, as for an
+        unrestricted subscription, else the trimmed row encoded."""
+        if view is True:
+            text = self._change.old_json if old else self._change.new_json
+            assert text is not None
+            return text
+        return _text(self._old if old else self._new, view)
 
     def _compose(self, view: str, key: str, row: str | None, old: str | None) -> str:
         change = self._change
