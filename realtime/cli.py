@@ -1,4 +1,4 @@
-"""The `realtime` command: serve, migrate, and manage which tables stream.
+"""The `realtime` command: serve, migrate, manage which tables stream, and tail a table's changes.
 
 `serve` resolves the database once in the parent process (starting the embedded PostgreSQL when no
 DATABASE_URL is set), migrates it, and hands the URL to every uvicorn worker through the environment, so
@@ -342,6 +342,63 @@ def _stream(args: argparse.Namespace) -> int:
         return asyncio.run(run(url))
 
 
+def _tail(args: argparse.Namespace) -> int:
+    """`realtime tail TABLE`: a client of a running server, so it needs no server settings; its two settings are
+    read here (REALTIME_URL, REALTIME_TOKEN), where the command line can override them."""
+    from realtime.tail import DEFAULT_URL, TailOptions, socket_url, tail
+
+    try:
+        url = socket_url(args.url or os.environ.get("REALTIME_URL") or DEFAULT_URL)
+    except ValueError as error:
+        print(f"realtime tail: {error}", file=sys.stderr)
+        return 2
+    options = TailOptions(
+        url=url,
+        token=args.token or os.environ.get("REALTIME_TOKEN") or None,
+        table=args.table,
+        filter=args.filter,
+        events=args.events,
+        since=args.since,
+        snapshot=args.snapshot,
+        json=args.json,
+        colour=args.color,
+    )
+    try:
+        return asyncio.run(tail(options, sys.stdout))
+    except BrokenPipeError:
+        # The reader went away (`| head`): that ends the command quietly. Point stdout at /dev/null so the
+        # interpreter's last flush of it does not complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def _filter_condition(text: str) -> Any:
+    from realtime.client.conditions import parse_condition
+
+    try:
+        return parse_condition(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _event_list(text: str) -> list[str]:
+    ops = [op.strip().upper() for op in text.split(",")]
+    if not ops or any(op not in ("INSERT", "UPDATE", "DELETE") for op in ops):
+        raise argparse.ArgumentTypeError(f"a comma-separated list of INSERT, UPDATE, DELETE, not {text!r}")
+    return ops
+
+
+def _position(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a position (seq) is a whole number >= 0, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realtime", description=__doc__.splitlines()[0] if __doc__ else None)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -386,6 +443,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="an extra claim (dotted NAME for nested ones; VALUE as JSON when it parses, else a string); repeatable",
     )
     token.set_defaults(handler=_token)
+
+    tail = commands.add_parser("tail", help="print a table's committed changes as they happen (from a server)")
+    tail.add_argument("table", help="a streamed table, `users` or `schema.table`")
+    tail.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        type=_filter_condition,
+        metavar="COLUMN=OP:VALUE",
+        help="only rows where the condition holds (ops: eq neq lt lte gt gte in is; VALUE as JSON when it parses,"
+        " else a string; `in` takes [..] or a,b,c); repeatable, all must hold",
+    )
+    tail.add_argument("--events", type=_event_list, metavar="OPS", help="e.g. INSERT,DELETE (default: all three)")
+    start = tail.add_mutually_exclusive_group()
+    start.add_argument("--since", type=_position, metavar="SEQ", help="replay every change after position SEQ first")
+    start.add_argument("--snapshot", action="store_true", help="print the rows that match now first")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line (change frames as sent)")
+    tail.add_argument(
+        "--color",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="colour the readable format (default auto: on a terminal, unless NO_COLOR is set)",
+    )
+    tail.add_argument("--url", help="the server's WebSocket URL (default: REALTIME_URL or ws://127.0.0.1:8000/ws)")
+    tail.add_argument("--token", help="a bearer token for a server with a token key (default: REALTIME_TOKEN)")
+    tail.set_defaults(handler=_tail)
     return parser
 
 
