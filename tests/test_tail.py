@@ -23,7 +23,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _environment(**extra: str) -> dict[str, str]:
-    environment = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "REALTIME_URL", "REALTIME_TOKEN")}
+    # Without PYTHONUNBUFFERED, so that the tests see tail's own flushing, as a pipe in a shell does.
+    unset = ("NO_COLOR", "REALTIME_URL", "REALTIME_TOKEN", "PYTHONUNBUFFERED")
+    environment = {k: v for k, v in os.environ.items() if k not in unset}
     return {**environment, **extra}
 
 
