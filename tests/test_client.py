@@ -49,9 +49,78 @@ def fast(
     token: TokenSource | None = None,
     buffer: int = 1000,
     on_disconnect: Callable[[Disconnect], None] | None = None,
+    ping_interval: float = 15.0,
 ) -> Client:
     """A client whose reconnects take milliseconds, not the production defaults' seconds."""
-    return connect(url, token=token, buffer=buffer, on_disconnect=on_disconnect, backoff_initial=0.05, backoff_max=0.5)
+    return connect(
+        url,
+        token=token,
+        buffer=buffer,
+        on_disconnect=on_disconnect,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+        ping_interval=ping_interval,
+        ping_timeout=ping_interval * 2,
+    )
+
+
+class SilentLinks:
+    """A TCP proxy to the server whose `drop()` makes every open link go silent (bytes in either direction are
+    swallowed, no socket closes), as a dropped network looks; connections opened afterwards work."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self._upstream_port = upstream_port
+        self._server: asyncio.Server | None = None
+        self._links: list[asyncio.Event] = []  # set: the link is silent
+        self._writers: list[asyncio.StreamWriter] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def __aenter__(self) -> SilentLinks:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def drop(self) -> None:
+        for silent in self._links:
+            silent.set()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._serve(reader, writer))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent = asyncio.Event()
+        self._links.append(silent)
+        self._writers.append(writer)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._upstream_port)
+        self._writers.append(up_writer)
+        await asyncio.gather(
+            self._pump(reader, up_writer, silent), self._pump(up_reader, writer, silent), return_exceptions=True
+        )
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, target: asyncio.StreamWriter, silent: asyncio.Event) -> None:
+        while data := await source.read(65536):
+            if not silent.is_set():
+                target.write(data)
+                await target.drain()
+        if not silent.is_set():
+            target.close()
 
 
 class Consumer:
@@ -236,6 +305,38 @@ async def test_every_change_once_across_a_server_stop_and_restart(
     assert lost[0].code == (1012 if stop == "sigterm" else 1006), lost
     if stop == "sigterm":
         assert lost[0].reason.startswith("restarting; last_seq=")
+
+
+async def test_a_silent_link_is_noticed_by_keepalive_and_resumed(
+    own_server: ServerProcess, fault_db: Dsn, admin: asyncpg.Connection
+) -> None:
+    """A link that stops carrying bytes without closing (a dropped network) is dropped when its pong does not come
+    back; the client reconnects and the program still sees every committed change exactly once."""
+    lost: list[Disconnect] = []
+    async with (
+        SilentLinks(own_server.port) as links,
+        fast(links.ws_url, on_disconnect=lost.append, ping_interval=0.2) as rt,
+        rt.subscribe("ticks", since=0) as sub,
+    ):
+        consumer = Consumer(sub)
+        try:
+            async with Writer(fault_db, connections=2).running() as writer:
+                await writer.wait_committed(20)
+                await consumer.wait_through((await committed_seqs(admin))[0])
+                links.drop()
+                await writer.wait_committed(writer.committed + 20)
+                await eventually(lambda: _true(bool(lost)), 10, "the silent link dropped by the client")
+                await writer.wait_committed(writer.committed + 20)
+            truth = await committed_seqs(admin)
+            await consumer.wait_through(truth[-1])
+            assert consumer.change_seqs() == truth
+        finally:
+            await consumer.aclose()
+    assert lost[0].code == 1006, lost  # no close frame came through
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _listener_position(server: ServerProcess) -> int:
