@@ -24,6 +24,9 @@ from tests.support.databases import (
 from tests.support.server import ServerProcess
 from tests.support.ws import StreamClient
 
+# The browser fixtures (`browser`, `demo_page`) live beside the helpers they use, for every browser test module.
+pytest_plugins = ["tests.support.browser"]
+
 
 @pytest.fixture(scope="session")
 def admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Dsn]:

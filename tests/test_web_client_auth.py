@@ -20,10 +20,10 @@ from typing import Any
 import asyncpg
 import jwt
 import pytest
-from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, expect
 
 from realtime.dsn import Dsn
-from tests.support.browser import STREAM_TIMEOUT_MS, ClientTab, DemoPage, launch
+from tests.support.browser import STREAM_TIMEOUT_MS, ClientTab, OpenDemo
 from tests.support.faults import FAST_RECOVERY, stream_database
 from tests.support.server import ServerProcess, running_server
 from tests.support.waiting import eventually
@@ -57,17 +57,6 @@ def exp_of(token: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One headless Chromium for this module."""
-    async with async_playwright() as playwright:
-        chromium = await launch(playwright)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -311,42 +300,32 @@ async def test_get_token_against_an_open_server_streams_as_before(
 
 
 async def test_demo_page_asks_for_a_token_and_then_streams_and_writes_with_it(
-    secured: ServerProcess, context: BrowserContext, artifacts_dir: Path, request: pytest.FixtureRequest
+    secured: ServerProcess, demo_page: OpenDemo
 ) -> None:
     """Against a token-key server the demo shows `unauthorized` and a token form; a token makes it live and writable."""
-    page = await DemoPage.new(context, "page")
-    try:
-        await page.page.goto(secured.base_url + "/")
-        await expect(page.status).to_have_text("unauthorized", timeout=STREAM_TIMEOUT_MS)
-        form = page.page.get_by_test_id("token-form")
-        await expect(form).to_be_visible()
-        await expect(page.page.get_by_test_id("token-message")).not_to_be_empty()
+    page = await demo_page("page")
+    await page.page.goto(secured.base_url + "/")
+    await expect(page.status).to_have_text("unauthorized", timeout=STREAM_TIMEOUT_MS)
+    form = page.page.get_by_test_id("token-form")
+    await expect(form).to_be_visible()
+    await expect(page.page.get_by_test_id("token-message")).not_to_be_empty()
 
-        await form.get_by_test_id("token-input").fill(make_token(sub="demo"))
-        await form.get_by_test_id("token-submit").click()
-        await page.wait_ready()
-        await expect(form).to_be_hidden()
-        assert "token" not in page.page.url, page.page.url  # taken out of the address bar
+    await form.get_by_test_id("token-input").fill(make_token(sub="demo"))
+    await form.get_by_test_id("token-submit").click()
+    await page.wait_ready()
+    await expect(form).to_be_hidden()
+    assert "token" not in page.page.url, page.page.url  # taken out of the address bar
 
-        email = f"demo.{secrets.token_hex(4)}@example.com"
-        created = await page.create_user("Token Holder", email)
-        await expect(page.cell(created["id"], "email")).to_have_text(email, timeout=STREAM_TIMEOUT_MS)
-    finally:
-        page.save_console(artifacts_dir / f"{request.node.name}-page-console.log")
-    assert not page.page_errors, page.page_errors
+    email = f"demo.{secrets.token_hex(4)}@example.com"
+    created = await page.create_user("Token Holder", email)
+    await expect(page.cell(created["id"], "email")).to_have_text(email, timeout=STREAM_TIMEOUT_MS)
 
 
-async def test_demo_page_takes_a_token_from_the_url_fragment(
-    secured: ServerProcess, context: BrowserContext, artifacts_dir: Path, request: pytest.FixtureRequest
-) -> None:
+async def test_demo_page_takes_a_token_from_the_url_fragment(secured: ServerProcess, demo_page: OpenDemo) -> None:
     """`/#token=...` makes the demo authenticate on its first connection, and the token leaves the address bar."""
-    page = await DemoPage.new(context, "page")
-    try:
-        await page.page.goto(f"{secured.base_url}/#token={make_token(sub='fragment')}")
-        await page.wait_ready()
-        assert "token" not in page.page.url, page.page.url
-        assert page.sent_frames[0]["type"] == "auth", page.sent_frames[:2]
-        assert not page.errors_received(), page.errors_received()
-    finally:
-        page.save_console(artifacts_dir / f"{request.node.name}-page-console.log")
-    assert not page.page_errors, page.page_errors
+    page = await demo_page("page")
+    await page.page.goto(f"{secured.base_url}/#token={make_token(sub='fragment')}")
+    await page.wait_ready()
+    assert "token" not in page.page.url, page.page.url
+    assert page.sent_frames[0]["type"] == "auth", page.sent_frames[:2]
+    assert not page.errors_received(), page.errors_received()

@@ -21,11 +21,11 @@ from typing import Any
 
 import asyncpg
 import pytest
-from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, expect
 
 from realtime.db import POOL_APPLICATION_NAME
 from realtime.dsn import Dsn
-from tests.support.browser import STREAM_TIMEOUT_MS, ClientTab, DemoPage, launch
+from tests.support.browser import STREAM_TIMEOUT_MS, ClientTab, DemoPage
 from tests.support.faults import FAST_RECOVERY, PgProxy, stream_database
 from tests.support.server import ServerProcess
 from tests.support.waiting import eventually
@@ -49,17 +49,6 @@ OpenClient = Callable[..., Awaitable[ClientTab]]
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One headless Chromium for this module."""
-    async with async_playwright() as playwright:
-        chromium = await launch(playwright)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @pytest.fixture(scope="module")

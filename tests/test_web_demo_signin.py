@@ -19,12 +19,12 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-from playwright.async_api import Browser, async_playwright, expect
+from playwright.async_api import expect
 
 from realtime.auth.dev_tokens import PATH, TTL_S
 from realtime.dsn import Dsn
 from realtime.errors import PROBLEM_JSON
-from tests.support.browser import STREAM_TIMEOUT_MS, DemoPage, launch
+from tests.support.browser import STREAM_TIMEOUT_MS, DemoPage, OpenDemo
 from tests.support.server import ServerProcess, free_port, running_server
 from tests.test_auth import run_cli
 
@@ -36,17 +36,6 @@ SECRET = "demo-signin-secret-" + "d" * 40
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One headless Chromium for this module."""
-    async with async_playwright() as playwright:
-        chromium = await launch(playwright)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
 
 
 @pytest.fixture(scope="module")
@@ -206,75 +195,60 @@ async def test_dev_tokens_need_a_secret_and_a_loopback_address(database_url: Dsn
 
 
 async def test_two_members_in_two_tabs_see_only_their_own_rows_live(
-    dev_server: ServerProcess, browser: Browser, artifacts_dir: Path, request: pytest.FixtureRequest
+    dev_server: ServerProcess, demo_page: OpenDemo
 ) -> None:
     """Members A and B, signed in with the picker in two browsers, each see only their own row, without its email;
     an admin's update of A's row appears live in A's tab and never in B's."""
-    contexts = [await browser.new_context(), await browser.new_context()]
-    pages = [await DemoPage.new(contexts[0], "a"), await DemoPage.new(contexts[1], "b")]
-    page_a, page_b = pages
-    try:
-        async with httpx.AsyncClient(base_url=dev_server.base_url, timeout=10.0) as http:
-            admin = await dev_token(http, "admin", "admin")
-            a = await create_user(http, admin, "Member A")
-            b = await create_user(http, admin, "Member B")
+    page_a, page_b = await demo_page("a"), await demo_page("b")
+    async with httpx.AsyncClient(base_url=dev_server.base_url, timeout=10.0) as http:
+        admin = await dev_token(http, "admin", "admin")
+        a = await create_user(http, admin, "Member A")
+        b = await create_user(http, admin, "Member B")
 
-            signed_in: dict[str, int] = {}
-            for page, user in ((page_a, a), (page_b, b)):
-                signed_in[page.name] = await sign_in(page, dev_server.base_url, str(user["id"]))
-                await page.wait_ready()
-                await expect(page.page.get_by_test_id("identity")).to_have_text(f"{user['id']} · member")
-                await expect(page.page.get_by_test_id("user-row")).to_have_count(1)
-                await expect(page.cell(user["id"], "name")).to_have_text(user["name"])
-                email = page.cell(user["id"], "email")
-                await expect(email).to_have_text("—")
-                await expect(email).to_have_attribute("data-withheld", "")
-                await expect(page.page.get_by_test_id("token-panel")).to_be_hidden()
-                assert "token" not in page.page.url, page.page.url
-
-            await rename(http, admin, a, "Member A, renamed")
-            await expect(page_a.cell(a["id"], "name")).to_have_text("Member A, renamed", timeout=STREAM_TIMEOUT_MS)
-            await expect(page_a.cell(a["id"], "version")).to_have_text("2")
-            # B's own change commits after A's: once B shows it, B has been sent everything it would ever get of A's.
-            await rename(http, admin, b, "Member B, renamed")
-            await expect(page_b.cell(b["id"], "name")).to_have_text("Member B, renamed", timeout=STREAM_TIMEOUT_MS)
-
-        await expect(page_b.any_row(a["id"])).to_have_count(0)
-        await expect(page_a.any_row(b["id"])).to_have_count(0)
+        signed_in: dict[str, int] = {}
         for page, user in ((page_a, a), (page_b, b)):
-            frames = frames_since(page, signed_in[page.name])
-            received = rows_received(frames)
-            assert {row["id"] for row in received} == {user["id"]}, received
-            assert not [row for row in received if "email" in row], received
-            assert not [frame for frame in frames if frame.get("type") == "error"], frames
-    finally:
-        for page in pages:
-            page.save_console(artifacts_dir / f"{request.node.name}-{page.name}-console.log")
-        for context in contexts:
-            await context.close()
-    assert not [error for page in pages for error in page.page_errors], [page.page_errors for page in pages]
+            signed_in[page.name] = await sign_in(page, dev_server.base_url, str(user["id"]))
+            await page.wait_ready()
+            await expect(page.page.get_by_test_id("identity")).to_have_text(f"{user['id']} · member")
+            await expect(page.page.get_by_test_id("user-row")).to_have_count(1)
+            await expect(page.cell(user["id"], "name")).to_have_text(user["name"])
+            email = page.cell(user["id"], "email")
+            await expect(email).to_have_text("—")
+            await expect(email).to_have_attribute("data-withheld", "")
+            await expect(page.page.get_by_test_id("token-panel")).to_be_hidden()
+            assert "token" not in page.page.url, page.page.url
+
+        await rename(http, admin, a, "Member A, renamed")
+        await expect(page_a.cell(a["id"], "name")).to_have_text("Member A, renamed", timeout=STREAM_TIMEOUT_MS)
+        await expect(page_a.cell(a["id"], "version")).to_have_text("2")
+        # B's own change commits after A's: once B shows it, B has been sent everything it would ever get of A's.
+        await rename(http, admin, b, "Member B, renamed")
+        await expect(page_b.cell(b["id"], "name")).to_have_text("Member B, renamed", timeout=STREAM_TIMEOUT_MS)
+
+    await expect(page_b.any_row(a["id"])).to_have_count(0)
+    await expect(page_a.any_row(b["id"])).to_have_count(0)
+    for page, user in ((page_a, a), (page_b, b)):
+        frames = frames_since(page, signed_in[page.name])
+        received = rows_received(frames)
+        assert {row["id"] for row in received} == {user["id"]}, received
+        assert not [row for row in received if "email" in row], received
+        assert not [frame for frame in frames if frame.get("type") == "error"], frames
 
 
 async def test_sign_in_without_dev_tokens_says_how_to_mint_one(
-    tokens_server: ServerProcess, browser: Browser, artifacts_dir: Path, request: pytest.FixtureRequest
+    tokens_server: ServerProcess, demo_page: OpenDemo
 ) -> None:
     """Where the server signs no development tokens, the picker names the `realtime token` command to run instead,
     and a token minted that way signs the page in."""
-    context = await browser.new_context()
-    page = await DemoPage.new(context, "page")
-    try:
-        await sign_in(page, tokens_server.base_url, "5", "admin")
-        message = page.page.get_by_test_id("signin-message")
-        await expect(message).to_contain_text("AUTH_DEV_TOKENS is off", timeout=STREAM_TIMEOUT_MS)
-        await expect(message.locator("code")).to_have_text("realtime token --sub 5 --role admin")
-        await expect(page.page.get_by_test_id("token-input")).to_be_focused()
+    page = await demo_page("page")
+    await sign_in(page, tokens_server.base_url, "5", "admin")
+    message = page.page.get_by_test_id("signin-message")
+    await expect(message).to_contain_text("AUTH_DEV_TOKENS is off", timeout=STREAM_TIMEOUT_MS)
+    await expect(message.locator("code")).to_have_text("realtime token --sub 5 --role admin")
+    await expect(page.page.get_by_test_id("token-input")).to_be_focused()
 
-        minted = jwt.encode({"sub": "5", "role": "admin", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
-        await page.page.get_by_test_id("token-input").fill(minted)
-        await page.page.get_by_test_id("token-submit").click()
-        await page.wait_ready()
-        await expect(page.page.get_by_test_id("identity")).to_have_text("5 · admin")
-    finally:
-        page.save_console(artifacts_dir / f"{request.node.name}-page-console.log")
-        await context.close()
-    assert not page.page_errors, page.page_errors
+    minted = jwt.encode({"sub": "5", "role": "admin", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    await page.page.get_by_test_id("token-input").fill(minted)
+    await page.page.get_by_test_id("token-submit").click()
+    await page.wait_ready()
+    await expect(page.page.get_by_test_id("identity")).to_have_text("5 · admin")

@@ -1,6 +1,6 @@
-"""The demo page applies a change's `view` (docs/protocol.md, "change"): an update that takes a row out of the
-page's filter removes it and one that brings it back adds it; a TRUNCATE of `users` empties the table of every
-page, filtered or not, and rows inserted after it show as usual.
+"""The demo page applies a change's `view` (docs/protocol.md, "change") through its live view (realtime.js
+`LiveView`): an update that takes a row out of the page's filter removes it and one that brings it back adds it; a
+TRUNCATE of `users` empties the table of every page, filtered or not, and rows inserted after it show as usual.
 
 The browser is Debian's Chromium driven by playwright (tests/support/browser.py); the pages talk to a server of
 this module's own on the suite's shared database. The TRUNCATE empties the shared `users` table for good: the
@@ -11,23 +11,21 @@ is put back, and the test inserts the users it needs after the TRUNCATE.
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from playwright.async_api import Browser, BrowserContext, async_playwright, expect
+from playwright.async_api import expect
 
 from realtime.dsn import Dsn
-from tests.support.browser import STREAM_TIMEOUT_MS, DemoPage, launch
+from tests.support.browser import STREAM_TIMEOUT_MS, DemoPage, OpenDemo
 from tests.support.server import ServerProcess, running_server
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(90)
-
-OpenPage = Callable[[str], Awaitable[DemoPage]]
 
 
 def unique_email(label: str) -> str:
@@ -43,45 +41,10 @@ async def insert_user(db: asyncpg.Connection, name: str, email: str) -> int:
 
 
 @pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One headless Chromium for this module."""
-    async with async_playwright() as playwright:
-        chromium = await launch(playwright)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
-@pytest.fixture(scope="module")
 async def views_server(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
     """A server of this module's own, so no other module's pages or clients see its TRUNCATE."""
     async with running_server(database_url, artifacts_dir / "web-demo-views.log") as server:
         yield server
-
-
-@pytest.fixture
-async def open_page(
-    browser: Browser, views_server: ServerProcess, artifacts_dir: Path, request: pytest.FixtureRequest
-) -> AsyncIterator[OpenPage]:
-    """Open demo pages on the module's server in this test's own browser context; no page may throw."""
-    context: BrowserContext = await browser.new_context()
-    pages: list[DemoPage] = []
-
-    async def open_(name: str) -> DemoPage:
-        page = await DemoPage.new(context, name)
-        pages.append(page)  # before loading, so a page that never gets ready still leaves its console log
-        await page.load(views_server.base_url)
-        return page
-
-    try:
-        yield open_
-    finally:
-        for page in pages:
-            page.save_console(artifacts_dir / f"{request.node.name}-{page.name}-console.log")
-        await context.close()
-    errors = {page.name: page.page_errors for page in pages if page.page_errors}
-    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 @pytest.fixture
@@ -135,13 +98,13 @@ async def changes_received(page: DemoPage, since: int, count: int) -> list[dict[
 
 
 async def test_update_out_of_the_filter_removes_the_row_and_back_adds_it(
-    open_page: OpenPage, http: httpx.AsyncClient, db: asyncpg.Connection
+    demo_page: OpenDemo, views_server: ServerProcess, http: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     """Filtered on `email eq X`, an update of the email away from X removes the row and one back to X re-adds it."""
     email = unique_email("filtered")
     user_id = await insert_user(db, "Filtered Fiona", email)
     other = await insert_user(db, "Other Otto", unique_email("other"))
-    page = await open_page("page")
+    page = await demo_page("page", views_server.base_url)
     await page.page.evaluate("window.__notReloaded = true")
     await expect(page.row(other)).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
 
@@ -152,9 +115,12 @@ async def test_update_out_of_the_filter_removes_the_row_and_back_adds_it(
     await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
     start = len(page.received_frames)
 
+    renders = await page.renders()
+
     moved = await set_email(http, user_id, unique_email("moved"))
     await expect(page.any_row(user_id)).to_have_count(0, timeout=STREAM_TIMEOUT_MS)
     await expect(page.page.get_by_test_id("user-count")).to_have_text("0 users")
+    assert await page.renders() == renders + 1
     removed = await changes_received(page, start, 1)
     assert [(f["op"], f["view"], f["key"]) for f in removed] == [("UPDATE", "removed", {"id": user_id})], removed
     assert "row" not in removed[0]
@@ -165,6 +131,7 @@ async def test_update_out_of_the_filter_removes_the_row_and_back_adds_it(
     await expect(page.cell(user_id, "version")).to_have_text(str(back["version"]))
     await expect(rows).to_have_count(1)
     await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
+    assert await page.renders() == renders + 2
     added = (await changes_received(page, start, 2))[1:]
     assert [(f["op"], f["view"], f["key"]) for f in added] == [("UPDATE", "added", {"id": user_id})], added
     assert "old" not in added[0]
@@ -175,26 +142,30 @@ async def test_update_out_of_the_filter_removes_the_row_and_back_adds_it(
     assert await page.page.evaluate("window.__notReloaded") is True
 
 
-async def test_truncate_empties_every_page_and_later_inserts_show(open_page: OpenPage, db: asyncpg.Connection) -> None:
+async def test_truncate_empties_every_page_and_later_inserts_show(
+    demo_page: OpenDemo, views_server: ServerProcess, db: asyncpg.Connection
+) -> None:
     """A TRUNCATE of `users` empties a plain and a filtered page alike; a user inserted after it shows in both."""
     email = unique_email("truncated")
     kept_before = [
         await insert_user(db, "Before Bea", email),
         await insert_user(db, "Before Bo", unique_email("before")),
     ]
-    everything = await open_page("all")
-    filtered = await open_page("filtered")
+    everything = await demo_page("all", views_server.base_url)
+    filtered = await demo_page("filtered", views_server.base_url)
     await apply_filter(filtered, "email", "eq", email)
     for user_id in kept_before:
         await expect(everything.row(user_id)).to_have_count(1, timeout=STREAM_TIMEOUT_MS)
     await expect(filtered.page.get_by_test_id("user-row")).to_have_count(1)
     await expect(filtered.row(kept_before[0])).to_have_count(1)
     starts = {page.name: len(page.received_frames) for page in (everything, filtered)}
+    renders = {page.name: await page.renders() for page in (everything, filtered)}
 
     await db.execute("TRUNCATE users", timeout=10)
     for page in (everything, filtered):
         await expect(page.page.get_by_test_id("users-body").locator("tr")).to_have_count(0, timeout=STREAM_TIMEOUT_MS)
         await expect(page.page.get_by_test_id("user-count")).to_have_text("0 users")
+        assert await page.renders() == renders[page.name] + 1, page.name
         resets = await changes_received(page, starts[page.name], 1)
         assert [(f["op"], f["view"]) for f in resets] == [("TRUNCATE", "reset")], (page.name, resets)
         assert not {"key", "row", "old"} & resets[0].keys(), resets

@@ -30,6 +30,12 @@
  *       │                       max(retry_after_ms, backoff) plus jitter; the backoff grows while it repeats
  *       └─ any other error ─► `error` handler ─► failed (never retried)
  *
+ * `LiveView` (at the end of this file) keeps one subscription's rows in a Map, from its snapshot and change frames,
+ * applying whole transactions only:
+ *
+ *     snapshot ─► rows replaced ─► render      change {tx} … change {tx, tx_end} ─► all applied ─► ONE render
+ *     reset (cursor_expired) ─► held frames dropped ─► the fresh snapshot replaces every row ─► render
+ *
  * Positions (`seq`) are read as JavaScript numbers; they stay exact up to 2^53, far beyond any real changelog.
  */
 
@@ -71,6 +77,10 @@
  * @property {Record<string, unknown>} [old]   present for modified and removed (under a policy, a row that left
  *           what the token may read has only its key here)
  * @property {string} ts                        commit time, ISO 8601 UTC
+ * @property {string} [tx]                      the transaction's id; absent on changes recorded before the server
+ *           stamped transactions (such a frame stands alone)
+ * @property {true} [tx_end]                    on the subscription's last frame of the transaction: apply the
+ *           frames held since the previous `tx_end` together, now
  */
 
 /**
@@ -964,6 +974,273 @@ export class RealtimeClient {
   /** @param {string} type @param {unknown} value */
   #emit(type, value) {
     for (const listener of this.#listeners.get(type) ?? []) call(listener, value);
+  }
+}
+
+// ── views ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+/**
+ * A row as the server sends it: the table's columns as PostgreSQL's `to_jsonb` renders them (under a row-level
+ * policy, the columns the token may read).
+ * @typedef {Record<string, unknown>} Row
+ */
+
+/**
+ * What a view is made of: a subscription spec without `since` and `snapshot` (a view always starts from a
+ * snapshot), and the table's primary key.
+ * @typedef {object} ViewSpec
+ * @property {string} table            `users` or `schema.table`
+ * @property {string} [id]             1–64 chars, unique on the client; generated when omitted
+ * @property {Op[]} [events]           default all three; a view equal to the query needs all three
+ * @property {Condition[]} [filter]    default: every row
+ * @property {string[]} [key]          the primary key's columns (default `['id']`): snapshot rows carry no key of
+ *           their own, so the view must know which columns make it
+ */
+
+/**
+ * What one change frame did to a view.
+ * @typedef {object} ViewChange
+ * @property {'added' | 'modified' | 'removed' | 'reset'} view   the frame's `view`
+ * @property {string | null} key       where the row is held in `LiveView.rows` (null for reset)
+ * @property {Row | null} row          the row now held under `key` (added, modified; null otherwise)
+ * @property {Row | null} previous     the row held under `key` before the change (null if there was none)
+ * @property {string | null} movedFrom an UPDATE of the primary key: the key the row was held under before, which
+ *           the change deleted; null otherwise
+ * @property {ChangeFrame} frame       the frame as the server sent it
+ */
+
+/**
+ * One step of a view, passed to the `render` handler: a complete snapshot, or whole transactions.
+ * @typedef {object} ViewUpdate
+ * @property {'snapshot' | 'transaction'} cause
+ * @property {number} seq              the position the rows are now current at
+ * @property {string[]} transactions   the ids (`tx`) of the transactions applied, in order; empty for a snapshot
+ *           and for a change recorded before the server stamped transactions
+ * @property {ViewChange[]} changes    what each frame did, in `seq` order; empty for a snapshot
+ * @property {ReadonlyMap<string, Row>} rows  the rows after this step (the view's own Map, `LiveView.rows`)
+ */
+
+/**
+ * Callbacks of a view, all optional: the subscription's (see `Handlers`, called as for `subscribe`) and `render`.
+ * `change` is called for each frame as it arrives, before it is applied; `render` once per snapshot and once per
+ * whole transaction, after the rows hold it.
+ * @typedef {Handlers & {render?: (update: ViewUpdate) => void}} ViewHandlers
+ */
+
+/**
+ * The rows of one subscription, kept equal to `SELECT … WHERE filter` by the protocol's rules (docs/protocol.md,
+ * "change"): the snapshot fills the view; `added` and `modified` upsert `row` under its key, `removed` deletes the
+ * key, `reset` (a TRUNCATE) empties it. Rows are held in a `Map` under the JSON of their key object, with the
+ * key's columns in the order of `spec.key`: `{"id":42}`, or `{"region":"eu","id":7}` for a composite key.
+ *
+ * Whole transactions only, so a page never shows half of one:
+ *
+ *     change {tx:"7"} ─► held     change {tx:"7"} ─► held     change {tx:"7", tx_end:true} ─► all three applied,
+ *                                                                                            ONE render
+ *     change without tx (recorded before the server stamped transactions) ─► applied at once, one render
+ *
+ * Transactions that commit side by side can interleave in the stream; the server then puts `tx_end` on the last
+ * frame of the last of them, and they are applied together. Held frames survive a lost connection: the client
+ * resumes with `since` its last position and the server replays the rest of the transaction. When the gap can no
+ * longer be replayed (`cursor_expired`) the held frames are dropped, and the fresh snapshot replaces every row.
+ */
+export class LiveView {
+  /** @type {Map<string, Row>} */
+  #rows = new Map();
+  /** @type {ChangeFrame[]} frames received since the last `tx_end`, not applied yet */
+  #held = [];
+  /** @type {number | null} */
+  #seq = null;
+  /** @type {string[]} */
+  #columns;
+  /** @type {string} */
+  #table;
+  /** @type {ViewHandlers} */
+  #handlers;
+  /** @type {Subscription} */
+  #subscription;
+
+  /**
+   * Subscribe `client` to the view's rows (with a snapshot) and keep them here. Nothing arrives before
+   * `client.connect()`.
+   * @param {RealtimeClient} client
+   * @param {ViewSpec} spec
+   * @param {ViewHandlers} [handlers]
+   */
+  constructor(client, spec, handlers = {}) {
+    const { key = ['id'], ...subscription } = /** @type {ViewSpec & {since?: unknown, snapshot?: unknown}} */ (spec ?? {});
+    if (!Array.isArray(key) || key.length === 0 || key.some((column) => typeof column !== 'string' || column === '')) {
+      throw new TypeError('LiveView: `key` must be a non-empty list of column names');
+    }
+    if (subscription.since != null || subscription.snapshot != null) {
+      throw new TypeError('LiveView: a view always starts from a snapshot; leave out `since` and `snapshot`');
+    }
+    this.#columns = [...key];
+    this.#table = String(subscription.table);
+    this.#handlers = handlers;
+    /** @type {Handlers} */
+    const passed = {
+      snapshot: (rows, seq) => this.#onSnapshot(rows, seq),
+      subscribed: (seq) => this.#onSubscribed(seq),
+      change: (frame) => this.#onChange(frame),
+      reset: () => {
+        // The gap is lost: what is held can no longer be completed. The rows stay until the fresh snapshot
+        // replaces them all, so a page does not flash empty in between.
+        this.#held = [];
+        call(handlers.reset);
+      },
+      retry: (err, delay) => call(handlers.retry, err, delay),
+    };
+    // Only when given: without an `error` handler the client reports a refusal through its `error` event.
+    if (handlers.error) passed.error = (err) => call(handlers.error, err);
+    this.#subscription = client.subscribe({ ...subscription, snapshot: true }, passed);
+  }
+
+  /** @returns {ReadonlyMap<string, Row>} the rows by key, as of `seq` (read it; it changes only through frames) */
+  get rows() {
+    return this.#rows;
+  }
+
+  /** @returns {number | null} the position the rows are current at; null before the snapshot */
+  get seq() {
+    return this.#seq;
+  }
+
+  /** @returns {number} frames received but not applied yet: their transaction has not ended */
+  get held() {
+    return this.#held.length;
+  }
+
+  /** @returns {Subscription} the subscription under the view (`id`, `state`, `seq` of the last frame received) */
+  get subscription() {
+    return this.#subscription;
+  }
+
+  /**
+   * The key under which a row is held: the JSON of its key columns, in `spec.key`'s order.
+   * @param {Record<string, unknown>} source  a row, a change's `row` or `old`, or a `key` object
+   * @returns {string}
+   */
+  keyOf(source) {
+    /** @type {Record<string, unknown>} */
+    const key = {};
+    for (const column of this.#columns) {
+      if (!source || typeof source !== 'object' || !(column in source)) {
+        throw new TypeError(
+          `LiveView ${this.#table}: a row without the key column "${column}"; the view's key is ` +
+            `[${this.#columns.join(', ')}] (pass the table's primary key as \`key\`)`,
+        );
+      }
+      key[column] = source[column];
+    }
+    return JSON.stringify(key);
+  }
+
+  /** Stop: unsubscribe and forget what is held. The rows stay as they were. */
+  close() {
+    this.#held = [];
+    this.#subscription.unsubscribe();
+  }
+
+  /** @param {Row[]} rows @param {number} seq */
+  #onSnapshot(rows, seq) {
+    // Keys first, so a row the view cannot key leaves the old rows untouched.
+    const keyed = rows.map((row) => /** @type {[string, Row]} */ ([this.keyOf(row), row]));
+    this.#held = [];
+    this.#rows.clear();
+    for (const [key, row] of keyed) this.#rows.set(key, row);
+    this.#seq = seq;
+    call(this.#handlers.snapshot, rows, seq);
+    call(this.#handlers.render, { cause: 'snapshot', seq, transactions: [], changes: [], rows: this.#rows });
+  }
+
+  /** @param {number} seq */
+  #onSubscribed(seq) {
+    // Live from `seq`: with nothing held, the rows are current there (nothing that matches lies in between).
+    if (this.#held.length === 0 && this.#seq != null && seq > this.#seq) this.#seq = seq;
+    call(this.#handlers.subscribed, seq);
+  }
+
+  /** @param {ChangeFrame} frame */
+  #onChange(frame) {
+    this.#check(frame); // before anything is held: a frame the view cannot apply must not sit among the others
+    call(this.#handlers.change, frame);
+    if (frame.tx === undefined) {
+      // Recorded before the server stamped transactions: it stands alone, after whatever is held.
+      this.#flush();
+      this.#held.push(frame);
+      this.#flush();
+      return;
+    }
+    this.#held.push(frame);
+    if (frame.tx_end === true) this.#flush();
+  }
+
+  /**
+   * Refuse, with a message that says why, a frame the view's rules cannot apply.
+   * @param {ChangeFrame} frame
+   */
+  #check(frame) {
+    const where = `LiveView ${this.#table}: change at seq ${frame.seq}`;
+    if (!['added', 'modified', 'removed', 'reset'].includes(frame.view)) {
+      throw new TypeError(`${where} has view ${JSON.stringify(frame.view)}, not added, modified, removed or reset`);
+    }
+    if (frame.tx !== undefined && typeof frame.tx !== 'string') {
+      throw new TypeError(`${where} has tx ${JSON.stringify(frame.tx)}; a transaction id is a string`);
+    }
+    if (frame.view === 'reset') return;
+    const names = frame.key && typeof frame.key === 'object' ? Object.keys(frame.key) : [];
+    if (names.length !== this.#columns.length || !this.#columns.every((column) => names.includes(column))) {
+      throw new TypeError(
+        `${where} is keyed by [${names.join(', ')}], but the view's key is [${this.#columns.join(', ')}]` +
+          ' (pass the table\'s primary key as `key`)',
+      );
+    }
+    if (frame.view !== 'removed' && (!frame.row || typeof frame.row !== 'object')) {
+      throw new TypeError(`${where} is ${frame.view} without a row`);
+    }
+  }
+
+  /** Apply every held frame, then tell `render` once. */
+  #flush() {
+    if (this.#held.length === 0) return;
+    const frames = this.#held;
+    this.#held = [];
+    const changes = frames.map((frame) => this.#apply(frame));
+    const seq = frames[frames.length - 1].seq;
+    this.#seq = seq;
+    /** @type {string[]} */
+    const transactions = [];
+    for (const frame of frames) if (frame.tx !== undefined && !transactions.includes(frame.tx)) transactions.push(frame.tx);
+    call(this.#handlers.render, { cause: 'transaction', seq, transactions, changes, rows: this.#rows });
+  }
+
+  /**
+   * @param {ChangeFrame} frame
+   * @returns {ViewChange}
+   */
+  #apply(frame) {
+    if (frame.view === 'reset') {
+      this.#rows.clear();
+      return { view: 'reset', key: null, row: null, previous: null, movedFrom: null, frame };
+    }
+    const key = this.keyOf(/** @type {Record<string, unknown>} */ (frame.key));
+    if (frame.view === 'removed') {
+      const previous = this.#rows.get(key) ?? null;
+      this.#rows.delete(key);
+      return { view: 'removed', key, row: null, previous, movedFrom: null, frame };
+    }
+    // An UPDATE of the primary key comes under the new key, with `old` under the old one: that one goes first.
+    let movedFrom = null;
+    const old = frame.old;
+    if (old && this.#columns.every((column) => column in old)) {
+      const was = this.keyOf(old);
+      if (was !== key && this.#rows.delete(was)) movedFrom = was;
+    }
+    const previous = this.#rows.get(key) ?? null;
+    const row = /** @type {Row} */ (frame.row);
+    this.#rows.set(key, row);
+    return { view: frame.view, key, row, previous, movedFrom, frame };
   }
 }
 

@@ -1,7 +1,9 @@
 """Driving the demo page, and the client library on its own, in Debian's Chromium through playwright's async API.
 
-The browser is the system one (/usr/bin/chromium); nothing is downloaded. `DemoPage` wraps one tab on the demo
-and knows its `data-testid` hooks (listed at the top of web_demo/app.js). `ClientTab` runs `realtime.js` as served
+The browser is the system one (/usr/bin/chromium); nothing is downloaded. The fixtures `browser` (one Chromium per
+test module) and `demo_page` (demo tabs of a test's own) are shared by the browser test modules, which load this
+module as a pytest plugin (tests/conftest.py). `DemoPage` wraps one tab on the demo and knows its `data-testid`
+hooks (listed at the top of web_demo/app.js). `ClientTab` runs `realtime.js` as served
 by the server under test, in a tab of that server's origin, with the options a test chooses, and records what it
 reports. Every wait has a deadline: playwright's `expect` and `wait_for_function` poll a condition until their
 timeout, and nothing here sleeps to let something happen.
@@ -13,11 +15,12 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from playwright.async_api import (
     Browser,
     BrowserContext,
@@ -27,6 +30,7 @@ from playwright.async_api import (
     Playwright,
     ViewportSize,
     WebSocket,
+    async_playwright,
     expect,
 )
 from playwright.async_api import TimeoutError as PlaywrightTimeoutError
@@ -52,6 +56,48 @@ async def launch(playwright: Playwright) -> Browser:
     if shutil.which(CHROMIUM) is None:
         raise RuntimeError(f"{CHROMIUM} not found; `make browser` (apt-get install chromium) installs it")
     return await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One headless Chromium for the test module."""
+    async with async_playwright() as playwright:
+        chromium = await launch(playwright)
+        try:
+            yield chromium
+        finally:
+            await chromium.close()
+
+
+# `demo_page(name, base_url=None)`: a new tab on the demo, loaded and live when `base_url` is given.
+OpenDemo = Callable[..., Awaitable["DemoPage"]]
+
+
+@pytest.fixture
+async def demo_page(browser: Browser, artifacts_dir: Path, request: pytest.FixtureRequest) -> AsyncIterator[OpenDemo]:
+    """Open demo tabs, each in a browser context of its own (its own identity and network state); each tab's
+    console is saved among the run's artifacts, and no tab may throw."""
+    contexts: list[BrowserContext] = []
+    pages: list[DemoPage] = []
+
+    async def open_(name: str, base_url: str | None = None) -> DemoPage:
+        context = await browser.new_context()
+        contexts.append(context)
+        page = await DemoPage.new(context, name)
+        pages.append(page)  # before loading, so a page that never gets ready still leaves its console log
+        if base_url is not None:
+            await page.load(base_url)
+        return page
+
+    try:
+        yield open_
+    finally:
+        for page in pages:
+            page.save_console(artifacts_dir / f"{request.node.name}-{page.name}-console.log")
+        for context in contexts:
+            await context.close()
+    errors = {page.name: page.page_errors for page in pages if page.page_errors}
+    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 @dataclass
@@ -115,6 +161,11 @@ class DemoPage:
     async def seq(self) -> int | None:
         text = (await self.page.get_by_test_id("seq").text_content() or "").strip()
         return int(text) if text.isdigit() else None
+
+    async def renders(self) -> int:
+        """How many steps of its live view the page has drawn (its snapshot, then one per transaction)."""
+        count: str | None = await self.page.get_by_test_id("users-body").get_attribute("data-renders")
+        return int(count or 0)
 
     async def logged_changes(self) -> list[dict[str, Any]]:
         """The change entries of the event log, oldest first, as {seq, op, id}."""
@@ -197,12 +248,18 @@ CLIENT_PAGE_PATH = "/realtime.js"
 # records frames (with the number of the socket, 1 for the first) before the client sees them, including
 # frames that reach a socket the client has already given up on, and each socket it creates (`socket`).
 #
+# `window.__rt.view(spec)` builds a `LiveView` instead, recording each `render` (cause, seq, transactions, what each
+# change did, the number of rows after it, frames still held) and each frame as it arrives; its rows stay readable
+# in `window.__rt.views`. `window.__rt.dropWhen`, a predicate on received frames, makes the socket deaf at the
+# first frame it accepts: that frame still reaches the client, later ones on that socket do not (recorded with
+# `deaf: true`), and the socket is closed, as when a connection is lost between two frames.
+#
 # With `withToken: 'async'` (or `'sync'`) in the options the client gets a `getToken` that logs each call (`token`,
 # with the page's wall clock in `wall`) and answers the token the test last gave with `setToken`; a token given
 # with `thenHold` is answered once, and every later call waits until the test gives the next one.
 _SET_UP_CLIENT = """
 async (options) => {
-  const { RealtimeClient } = await import('/realtime.js');
+  const { RealtimeClient, LiveView } = await import('/realtime.js');
   const log = [];
   const note = (entry) => log.push({ t: performance.now(), ...entry });
   const { withToken, ...clientOptions } = options;
@@ -222,7 +279,19 @@ async (options) => {
       this.number = ++sockets;
       note({ kind: 'socket', socket: this.number });
       this.addEventListener('message', (event) => {
-        note({ kind: 'received', socket: this.number, frame: JSON.parse(event.data) });
+        const frame = JSON.parse(event.data);
+        note({ kind: 'received', socket: this.number, frame, deaf: this.deaf === true });
+        // Runs before the client's own handler: a socket made deaf passes nothing more on to it.
+        if (this.deaf) {
+          event.stopImmediatePropagation();
+          return;
+        }
+        if (window.__rt.dropWhen?.(frame)) {
+          window.__rt.dropWhen = null;
+          this.deaf = true;
+          note({ kind: 'drop', socket: this.number, seq: frame.seq });
+          this.close();
+        }
       });
     }
     send(data) {
@@ -236,10 +305,13 @@ async (options) => {
   client.on('error', (err) => note({ kind: 'client-error', code: err.code, message: err.message }));
   client.on('authenticated', ({ sub, role, exp }) => note({ kind: 'authenticated', sub, role, exp }));
   const subs = new Map();
+  const views = new Map();
   window.__rt = {
     client,
     log,
     subs,
+    views,
+    dropWhen: null,
     setToken(value, thenHold) {
       tokens.value = value;
       tokens.held = false;
@@ -265,6 +337,24 @@ async (options) => {
       });
       subs.set(sub.id, sub);
       return sub.id;
+    },
+    view(spec) {
+      let view;
+      const id = () => view.subscription.id;
+      view = new LiveView(client, spec, {
+        render: (update) => note({
+          kind: 'render', id: id(), cause: update.cause, seq: update.seq, transactions: update.transactions,
+          changes: update.changes.map((change) => change.view), size: update.rows.size, held: view.held,
+        }),
+        subscribed: (seq) => note({ kind: 'subscribed', id: id(), seq, state: view.subscription.state }),
+        change: (frame) => note({
+          kind: 'change', id: id(), seq: frame.seq, op: frame.op, tx: frame.tx ?? null, txEnd: frame.tx_end === true,
+        }),
+        reset: () => note({ kind: 'reset', id: id() }),
+        error: (err) => note({ kind: 'error', id: id(), code: err.code, state: view.subscription.state }),
+      });
+      views.set(id(), view);
+      return id();
     },
   };
 }
@@ -294,6 +384,22 @@ class ClientTab:
         """`client.subscribe(spec)` with recording handlers; returns the subscription id."""
         sub_id: str = await self.page.evaluate("spec => window.__rt.subscribe(spec)", spec)
         return sub_id
+
+    async def view(self, spec: dict[str, Any]) -> str:
+        """`new LiveView(client, spec)` with recording handlers; returns its subscription's id."""
+        sub_id: str = await self.page.evaluate("spec => window.__rt.view(spec)", spec)
+        return sub_id
+
+    async def view_rows(self, sub_id: str) -> dict[str, dict[str, Any]]:
+        """The rows a view holds, by its keys."""
+        rows: dict[str, dict[str, Any]] = await self.page.evaluate(
+            "id => Object.fromEntries(window.__rt.views.get(id).rows)", sub_id
+        )
+        return rows
+
+    async def drop_socket_when(self, predicate: str) -> None:
+        """Lose the connection right after the first received frame for which the JavaScript `predicate` holds."""
+        await self.page.evaluate(f"() => {{ window.__rt.dropWhen = {predicate}; }}")
 
     async def connect(self) -> None:
         await self.page.evaluate("() => { window.__rt.client.connect(); }")
