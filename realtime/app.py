@@ -27,6 +27,7 @@ from realtime import __version__, health, resources, supervision
 from realtime.auth import dev_tokens
 from realtime.auth.dependencies import authenticate, declare_bearer_auth
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
+from realtime.auth.tickets import Tickets
 from realtime.auth.tokens import TokenVerifier
 from realtime.config import Settings, get_settings
 from realtime.db import autocommit, create_engine
@@ -35,6 +36,7 @@ from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
 from realtime.origins import DemoPagePolicy, Guard, HttpGuard
 from realtime.request_id import RequestId
+from realtime.stream import sse
 from realtime.stream.endpoint import stream
 from realtime.stream.pipeline import StreamPipeline
 from realtime.users.router import router as users_router
@@ -52,6 +54,8 @@ class State(TypedDict):
     stream: StreamPipeline
     # The bearer-token verifier of REST and /ws alike; None when no token key is configured (open mode).
     auth: TokenVerifier | None
+    # The single-use tickets that open an SSE stream from a browser (realtime/auth/tickets.py).
+    tickets: Tickets
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -83,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
                     read_engine=autocommit(engine),
                     stream=stream,
                     auth=verifier,
+                    tickets=Tickets(settings.sse_ticket_ttl_s),
                 )
             finally:
                 await stream.stop()
@@ -105,6 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     # The bearer-token dependency only when there is a key to verify with: even doing nothing, a dependency costs
     # FastAPI's resolution on every request (about 4% of a GET's server CPU).
     app.include_router(users_router, dependencies=[Depends(authenticate)] if verifier is not None else None)
+    app.include_router(sse.router)
     if settings.auth_dev_tokens:
         app.include_router(dev_tokens.router)
     app.mount("/", DemoPagePolicy(DemoFiles(directory=resources.web_demo(), html=True)), name="web_demo")

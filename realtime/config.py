@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         default=20.0, gt=0, description="Protocol-level WebSocket pings that detect dead peers."
     )
     ws_ping_timeout_s: float = Field(default=20.0, gt=0, description="A ping unanswered this long closes.")
+    sse_heartbeat_s: float = Field(
+        default=15.0, gt=0, le=3600, description="Seconds between the comment lines that keep an SSE stream alive."
+    )
+    sse_ticket_ttl_s: float = Field(
+        default=30.0, gt=0, le=600, description="Seconds a ticket from POST /sse/tickets may wait to be used."
+    )
     ws_compression: bool = Field(
         default=False, description="permessage-deflate on WebSockets (costs ~hundreds of KiB per socket)."
     )

@@ -297,6 +297,21 @@ class ClientSession:
         for sub_id, why in ended:
             await self._outbox.put(encode_text_frame(error_frame("forbidden", why, sub_id=sub_id)))
 
+    def take_identity(self, identity: Identity) -> None:
+        """Adopt an identity proved before the session began (SSE: a bearer header or a ticket), as a valid
+        `auth` frame would: the authentication deadline gives way to the token's expiry."""
+        self._identity = identity
+        if self._verifier is not None:
+            self._close_at(identity.exp + self._verifier.leeway_s, "token expired")
+
+    async def subscribe(self, request: Subscribe) -> None:
+        """Subscribe outside `read_frames` (SSE), by the same checks, history and go-live as a `subscribe` frame.
+        ProtocolError refuses it; if the outbox closes while history is sent, it returns with nothing opened."""
+        try:
+            await self._subscribe(request)
+        except _Closing:
+            return
+
     def _read_grant(self, table: TableKey) -> Grant | None:
         """What this connection's identity may read of `table` (None: all of it); ProtocolError `forbidden` if
         nothing. The caller adds the frame's ref and id."""

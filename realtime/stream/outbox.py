@@ -111,6 +111,11 @@ class Outbox:
         return self._sink.direct
 
     @property
+    def queued(self) -> int:
+        """Frames waiting to be written."""
+        return len(self._frames)
+
+    @property
     def closed(self) -> bool:
         """Closing or closed: nothing offered from now on is sent."""
         return self._close is not None
@@ -256,7 +261,7 @@ class Outbox:
                     self._queued_bytes -= len(frame)
                     self._signal_room()
                     self.sending_since = self._loop.time()
-                    await self._sink.send(frame)
+                    await self._sink.send(frame, seq)
                     self.sending_since = None
                     if seq > self.last_seq_sent:
                         self.last_seq_sent = seq

@@ -79,7 +79,9 @@ class Sink(Protocol):
 
     async def wait_writable(self) -> None: ...
 
-    async def send(self, frame: bytes) -> None: ...
+    async def send(self, frame: bytes, seq: int) -> None:
+        """Send one encoded frame, waiting for the peer; `seq` is its position (0 for replies)."""
+        ...
 
     def abort(self) -> None: ...
 
@@ -113,7 +115,7 @@ class TransportSink:
     async def wait_writable(self) -> None:
         await self._writable.wait()
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: bytes, seq: int = 0) -> None:
         self.write(frame)
 
     def abort(self) -> None:
@@ -144,7 +146,7 @@ class AsgiSink:
     async def wait_writable(self) -> None:
         return None
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: bytes, seq: int = 0) -> None:
         await self._send({"type": "websocket.send", "text": frame_payload(frame)})
 
     def abort(self) -> None:

@@ -1,0 +1,342 @@
+"""`GET /sse/{table}` against real servers: events as curl and httpx read them, problem+json for every bad
+request, resuming by `since` and `Last-Event-ID` with nothing lost or repeated, the shared connection limits, a
+slow reader cut with the position to resume from, and SIGTERM ending streams with theirs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+
+from realtime.auth.tickets import TicketError, Tickets
+from realtime.dsn import Dsn
+from realtime.stream.sse_wire import RETRY_MS, event, event_from_frame
+from realtime.stream.wire import encode_text_frame
+from tests.support.server import ServerProcess, running_server
+from tests.support.sse import EventReader, open_stream, seqs
+from tests.support.tables import committed_changes, create_streamed_table, head
+from tests.support.ws import StreamClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+async def sse_server(database_url: Dsn, artifacts_dir: Path) -> AsyncIterator[ServerProcess]:
+    """An open server whose streams send a heartbeat every 0.3 s."""
+    env = {"SSE_HEARTBEAT_S": "0.3"}
+    async with running_server(database_url, artifacts_dir / "sse.log", env=env) as server:
+        yield server
+
+
+@pytest.fixture
+async def sse_http(sse_server: ServerProcess) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=sse_server.base_url, timeout=10.0) as client:
+        yield client
+
+
+@pytest.fixture
+async def table(db: asyncpg.Connection) -> str:
+    return await create_streamed_table(db, "sse")
+
+
+async def insert(db: asyncpg.Connection, table: str, k: int, v: str = "x") -> int:
+    return int(await db.fetchval(f"INSERT INTO {table} (k, v, flag) VALUES ($1, $2, true) RETURNING id", k, v))
+
+
+async def changes_until(reader: EventReader, seq: int) -> list[dict[str, object]]:
+    """The change events' payloads up to and including position `seq`."""
+    got: list[dict[str, object]] = []
+    while not got or int(str(got[-1]["seq"])) < seq:
+        event_ = await reader.next()
+        assert event_ is not None, f"the stream ended before {seq}; got {got}"
+        if event_.kind == "change":
+            assert event_.id == str(event_.json["seq"])  # every change is a resume position
+            got.append(event_.json)
+    return got
+
+
+# ---------------------------------------------------------------------------------------------- the wire
+
+
+def test_a_change_frame_becomes_an_event_with_its_position_and_a_snapshot_one_without() -> None:
+    """The hub's WebSocket frame turns into `id:`, `event:` and its JSON payload unchanged; snapshots carry no id."""
+    change = '{"type":"change","id":"sse","seq":7,"table":"t","op":"INSERT"}'
+    data, event_id = event_from_frame(encode_text_frame(change), 7)
+    assert (data, event_id) == (b"id: 7\nevent: change\ndata: " + change.encode() + b"\n\n", 7)
+    snapshot = '{"type":"snapshot","id":"sse","seq":7,"rows":[],"last":true}'
+    data, event_id = event_from_frame(encode_text_frame(snapshot), 7)
+    assert (data, event_id) == (b"event: snapshot\ndata: " + snapshot.encode() + b"\n\n", None)
+    large = '{"type":"change","id":"sse","seq":9,"row":"' + "y" * 70_000 + '"}'
+    assert (
+        event_from_frame(encode_text_frame(large), 9)[0] == b"id: 9\nevent: change\ndata: " + large.encode() + b"\n\n"
+    )
+    # A line break in the data, should one ever occur, becomes a data line of its own.
+    assert event(b"end", b'{"a":\n1}') == b'event: end\ndata: {"a":\ndata: 1}\n\n'
+
+
+def test_a_ticket_opens_once_and_not_after_its_time() -> None:
+    """A ticket is redeemed once; a second use and one past its deadline are refused alike."""
+    tickets = Tickets(ttl_s=30.0)
+    ticket = tickets.issue(None)
+    assert tickets.redeem(ticket) is None
+    with pytest.raises(TicketError):
+        tickets.redeem(ticket)
+    expired = Tickets(ttl_s=1e-9)
+    stale = expired.issue(None)
+    with pytest.raises(TicketError):
+        expired.redeem(stale)
+    full = Tickets(ttl_s=30.0, max_outstanding=1)
+    full.issue(None)
+    with pytest.raises(Exception, match="waiting to be used"):
+        full.issue(None)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+
+async def test_curl_reads_live_changes_as_events(sse_server: ServerProcess, db: asyncpg.Connection, table: str) -> None:
+    """`curl -N` gets `text/event-stream`, `retry:`, `subscribed` with its position, then each change as an event."""
+    curl = shutil.which("curl")
+    assert curl is not None
+    process = await asyncio.create_subprocess_exec(
+        curl, "-N", "-s", "-i", f"{sse_server.base_url}/sse/{table}?events=INSERT", stdout=asyncio.subprocess.PIPE
+    )
+    stdout = process.stdout
+    assert stdout is not None
+    lines: list[str] = []
+
+    async def line_matching(prefix: str) -> str:
+        async with asyncio.timeout(10):
+            while True:
+                line = (await stdout.readline()).decode().rstrip("\r\n")
+                lines.append(line)
+                if line.startswith(prefix):
+                    return line
+
+    try:
+        assert (await line_matching("HTTP/1.1")).startswith("HTTP/1.1 200")
+        assert (await line_matching("content-type")).lower() == "content-type: text/event-stream; charset=utf-8"
+        assert await line_matching("retry:") == f"retry: {RETRY_MS}"
+        subscribed_id = await line_matching("id:")
+        assert await line_matching("event:") == "event: subscribed"
+        first = await insert(db, table, 1, "curl")
+        change_id = await line_matching("id:")
+        assert int(change_id[4:]) > int(subscribed_id[4:])
+        assert await line_matching("event:") == "event: change"
+        data = orjson.loads((await line_matching("data:"))[6:])
+        assert (data["op"], data["view"], data["row"]["id"], data["row"]["v"]) == ("INSERT", "added", first, "curl")
+        assert data["seq"] == int(change_id[4:])
+        assert await line_matching(": keep-alive") == ": keep-alive"  # the heartbeat comes while nothing changes
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_snapshot_then_live_and_a_filter_as_the_websocket_sends_them(
+    sse_server: ServerProcess, sse_http: httpx.AsyncClient, db: asyncpg.Connection, table: str
+) -> None:
+    """A filtered snapshot arrives as `snapshot` events without ids, then `subscribed`, then changes; each payload
+    is byte for byte the frame a WebSocket subscription of the same id, filter and position gets."""
+    await insert(db, table, 1, "a")
+    await insert(db, table, 2, "b")
+    params = {"snapshot": "true", "filter": ["k=in:[1,3]", "v=neq:zzz"]}
+    ws = await StreamClient.open(sse_server.ws_url)
+    try:
+        async with open_stream(sse_http, f"/sse/{table}", params=params) as reader:
+            assert reader.response.status_code == 200, reader.response.text
+            subscribed, before = await reader.until(lambda e: e.kind == "subscribed")
+            assert [e.kind for e in before] == ["snapshot"] * len(before)
+            assert all(e.id is None for e in before)
+            assert [row["v"] for e in before for row in e.json["rows"]] == ["a"]
+            assert before[-1].json["last"] is True
+            assert subscribed.id == str(subscribed.json["seq"])
+            assert reader.retry == [RETRY_MS]
+            await ws.subscribe(
+                "sse",
+                table,
+                since=subscribed.json["seq"],
+                filter=[{"column": "k", "op": "in", "value": [1, 3]}, {"column": "v", "op": "neq", "value": "zzz"}],
+            )
+            row = await insert(db, table, 3, "c")
+            await insert(db, table, 2, "not in the filter")
+            await db.execute(f"UPDATE {table} SET k = 2 WHERE id = $1", row)
+            last = await head(db)
+            got = await changes_until(reader, last)
+            frames = [await ws.recv_until(lambda f: f["type"] == "change") for _ in got]
+            assert [(c["view"], c["op"]) for c in got] == [("added", "INSERT"), ("removed", "UPDATE")]
+            assert got == frames
+    finally:
+        await ws.close()
+
+
+async def test_since_and_last_event_id_resume_exactly_once(
+    sse_http: httpx.AsyncClient, db: asyncpg.Connection, table: str
+) -> None:
+    """`since` replays every change after it, then goes live; `Last-Event-ID` resumes the same way and wins over
+    `since` and `snapshot` in the URL."""
+    start = await head(db)
+    for k in range(5):
+        await insert(db, table, k)
+    truth = [c["seq"] for c in await committed_changes(db, table, start)]
+    async with open_stream(sse_http, f"/sse/{table}", params={"since": start}) as reader:
+        got = await changes_until(reader, truth[-1])  # replayed before `subscribed`, the rest live after it
+    assert [c["seq"] for c in got] == truth
+    middle = truth[1]
+    for k in range(2):
+        await insert(db, table, 10 + k)
+    truth = [c["seq"] for c in await committed_changes(db, table, start)]
+    resume = {"Last-Event-ID": str(middle)}
+    for params in ({"since": 0, "snapshot": "false"}, {"snapshot": "true"}):
+        async with open_stream(sse_http, f"/sse/{table}", params=params, headers=resume) as reader:
+            first = await reader.next()
+            assert first is not None
+            assert first.kind != "snapshot"
+            got = [first.json] if first.kind == "change" else []
+            got += await changes_until(reader, truth[-1]) if not got or got[-1]["seq"] != truth[-1] else []
+        assert [c["seq"] for c in got] == truth[2:]
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "code", "words"),
+    [
+        ("", 404, "unknown_table", "does not exist"),
+        ("?filter=nope=eq:1", 400, "unknown_column", "nope"),
+        ("?filter=k=like:1", 400, "invalid_filter", "unknown op 'like'"),
+        ("?filter=k-eq-1", 400, "invalid_filter", "column=op:value"),
+        ("?filter=k=in:5", 400, "invalid_filter", "non-empty list"),
+        ("?filter=k=is:7", 400, "invalid_filter", "null, true or false"),
+        ("?filter=k=lt:[1]", 400, "invalid_filter", "scalar"),
+        ("?" + "&".join(["filter=k=eq:1"] * 21), 400, "invalid_filter", "at most 20"),
+        ("?events=INSERT,TRUNCATE", 400, "bad_message", "'events'"),
+        ("?events=", 400, "bad_message", "'events'"),
+        ("?events=INSERT&events=DELETE", 400, "bad_message", "'events' may be given once"),
+        ("?since=-1", 400, "bad_message", "'since'"),
+        ("?since=1e3", 400, "bad_message", "'since'"),
+        ("?since=99999999999999999999", 400, "bad_message", "'since'"),
+        ("?snapshot=yes", 400, "bad_message", "'snapshot'"),
+        ("?snapshot=true&since=1", 400, "bad_message", "mutually exclusive"),
+        ("?table=x", 400, "bad_message", "unknown query parameter(s) table"),
+        ("?since=999999999999", 410, "cursor_expired", "ahead of the changelog"),
+    ],
+)
+async def test_every_bad_request_is_problem_json_with_the_websocket_code(
+    sse_http: httpx.AsyncClient, table: str, query: str, status: int, code: str, words: str
+) -> None:
+    """A request the stream cannot serve gets problem+json before any event: status, the error code, and why."""
+    path = "/sse/no_such_table" if code == "unknown_table" else f"/sse/{table}"
+    response = await sse_http.get(path + query)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert (problem["status"], problem["code"], problem["type"]) == (
+        status,
+        code,
+        f"/problems/{code.replace('_', '-')}",
+    )
+    assert words in problem["detail"], problem
+
+
+async def test_a_bad_last_event_id_and_a_foreign_origin_are_refused(sse_http: httpx.AsyncClient, table: str) -> None:
+    """`Last-Event-ID` must be a position; a page of another site may not open a stream (as on /ws)."""
+    response = await sse_http.get(f"/sse/{table}", headers={"Last-Event-ID": "abc"})
+    assert (response.status_code, response.json()["code"]) == (400, "bad_message")
+    assert "Last-Event-ID" in response.json()["detail"]
+    response = await sse_http.get(f"/sse/{table}", headers={"Origin": "https://evil.example"})
+    assert response.status_code == 403
+    assert response.json()["type"] == "/problems/origin-not-allowed"
+    own = str(sse_http.base_url).rstrip("/")
+    async with open_stream(sse_http, f"/sse/{table}", headers={"Origin": own}) as reader:
+        assert reader.response.status_code == 200  # the server's own page may, and may read it
+        assert reader.response.headers["access-control-allow-origin"] == own
+
+
+# ---------------------------------------------------------------------------------------------- limits, shutdown
+
+
+async def test_streams_count_against_the_websocket_connection_limits(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """SSE streams and WebSockets share WS_MAX_CONNECTIONS_PER_CLIENT: past it both get 429 problem+json."""
+    env = {"WS_MAX_CONNECTIONS_PER_CLIENT": "2"}
+    async with (
+        running_server(database_url, artifacts_dir / "sse-limits.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+    ):
+        ws = await StreamClient.open(server.ws_url)
+        try:
+            async with open_stream(http, f"/sse/{table}") as first:
+                await first.until(lambda e: e.kind == "subscribed")
+                async with open_stream(http, f"/sse/{table}") as refused:
+                    assert refused.response.status_code == 429
+                    problem = orjson.loads(await refused.response.aread())
+                    assert problem["type"] == "/problems/too-many-connections-from-client"
+                    assert int(refused.response.headers["Retry-After"]) > 0
+            # The stream that ended gave its place back.
+            async with open_stream(http, f"/sse/{table}") as again:
+                assert again.response.status_code == 200
+        finally:
+            await ws.close()
+
+
+BIG = 100 * 1024
+
+
+async def test_a_slow_reader_is_cut_with_its_position_and_resumes_with_nothing_lost(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """A reader that stops reading while far more than its buffers is written is cut: its stream ends with `end`
+    `too_slow` naming the last position it was sent, and resuming from there gets the rest, none twice."""
+    env = {"WS_QUEUE_SIZE": "50", "WS_SEND_TIMEOUT_S": "60"}
+    async with (
+        running_server(database_url, artifacts_dir / "sse-slow.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=30.0) as http,
+    ):
+        start = await head(db)
+        async with open_stream(http, f"/sse/{table}") as slow:
+            await slow.until(lambda e: e.kind == "subscribed")
+            # Nothing reads the stream from here: ~30 MiB, far beyond the socket buffers and the queue.
+            for _ in range(30):
+                await db.execute(
+                    f"INSERT INTO {table} (k, v) SELECT g, repeat('x', $1) FROM generate_series(1, 10) g", BIG
+                )
+            truth = [c["seq"] for c in await committed_changes(db, table, start)]
+            end, got = await slow.until(lambda e: e.kind == "end", timeout=30)
+        cut = seqs(got)
+        assert 0 < len(cut) < len(truth), "the slow reader's queue never overflowed"
+        assert cut == truth[: len(cut)]
+        assert (end.json["code"], end.json["seq"], end.id) == ("too_slow", cut[-1], None)
+        async with open_stream(http, f"/sse/{table}", headers={"Last-Event-ID": str(end.json["seq"])}) as resumed:
+            _, rest = await resumed.until(lambda e: e.kind == "subscribed", timeout=30)
+        assert seqs(rest) == truth[len(cut) :]
+
+
+async def test_sigterm_ends_streams_at_once_with_the_position_to_resume_from(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """On SIGTERM every stream gets `end` `restarting` with its last position, then the response ends."""
+    server = ServerProcess(database=database_url, log_path=artifacts_dir / "sse-sigterm.log")
+    await asyncio.to_thread(server.start)
+    try:
+        async with (
+            httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+            open_stream(http, f"/sse/{table}") as reader,
+        ):
+            await reader.until(lambda e: e.kind == "subscribed")
+            await insert(db, table, 1)
+            last = await head(db)
+            await changes_until(reader, last)
+            stopping = asyncio.ensure_future(asyncio.to_thread(server.terminate))
+            end, between = await reader.until(lambda e: e.kind == "end", timeout=5)
+            assert (end.json["code"], end.json["seq"], between) == ("restarting", last, [])
+            assert await reader.next() is None
+            assert await stopping == 0
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(server.terminate)
