@@ -119,6 +119,7 @@ class Client:
         self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._room = asyncio.Event()
+        self._failing: str | None = None  # why the attempts in a row have been failing (logged once)
 
     # ------------------------------------------------------------------------------------- the program's side
 
@@ -241,16 +242,16 @@ class Client:
                     max_size=None,  # snapshot chunks and rows are bounded by the server, not by a frame size here
                 )
             except TokenUnavailable as error:
-                _log.warning("cannot connect: %s", error)
+                self._attempt_failed(f"no token: {error}")
             except InvalidStatus as error:
                 status = error.response.status_code
                 if status != 429 and status < 500:
                     self._fail(ClientError("refused", f"{self.url} answered the upgrade with HTTP {status}"))
                     return
                 delay = _retry_after(error.response.headers.get("Retry-After"))
-                _log.warning("connection refused with HTTP %d; retrying", status)
+                self._attempt_failed(f"the upgrade was answered with HTTP {status}")
             except (OSError, TimeoutError, InvalidHandshake) as error:
-                _log.warning("cannot connect to %s: %s", self.url, error or type(error).__name__)
+                self._attempt_failed(str(error) or type(error).__name__)
             if ws is not None:
                 delay = await self._session(ws, token)
                 if self._failure is not None:
@@ -259,7 +260,7 @@ class Client:
             if delay is not None:
                 wait = max(wait, delay)
             self._set_status("reconnecting")
-            _log.info("reconnecting in %.2f s", wait)
+            _log.debug("reconnecting in %.2f s", wait)
             await asyncio.sleep(wait)
 
     async def _wait_for_room(self) -> None:
@@ -482,11 +483,25 @@ class Client:
         if reader is not None and reader is not asyncio.current_task() and not reader.done():
             reader.cancel()
 
+    def _attempt_failed(self, why: str) -> None:
+        """Log a failed attempt once per reason in a row: a server that stays down is one line, not one a try."""
+        if why != self._failing:
+            _log.warning("cannot connect to %s: %s; retrying", self.url, why)
+            self._failing = why
+        else:
+            _log.debug("cannot connect to %s: %s; retrying", self.url, why)
+
     def _set_status(self, status: Status) -> None:
-        if status != self.status:
-            self.status = status
-            if status == "live":
-                _log.info("connected to %s", self.url)
+        if status == self.status:
+            return
+        if status == "live" and self.status == "reconnecting":
+            # Paired with the warning about the loss, so that a log that shows the loss shows the recovery.
+            _log.warning("connected again to %s", self.url)
+        elif status == "live":
+            _log.info("connected to %s", self.url)
+        if status == "live":
+            self._failing = None
+        self.status = status
 
 
 def _hint(frame: dict[str, Any]) -> float | None:
