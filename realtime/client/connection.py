@@ -287,7 +287,7 @@ class Client:
                     _log.warning("authentication unavailable: %s", answer.get("message"))
                     return delay
                 if answer.get("exp") is not None:
-                    refresher = asyncio.create_task(self._refresh(ws, float(answer["exp"])))
+                    refresher = asyncio.create_task(self._refreshing(ws, float(answer["exp"])))
             self._backoff.reset()
             self._ready = True
             self._set_status("live")
@@ -301,9 +301,10 @@ class Client:
         finally:
             self._ready = False
             self._ws = None
-            for task in (refresher, reader):
-                if task is not None and not task.done():
-                    task.cancel()
+            tasks = [task for task in (refresher, reader) if task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             for sub in self._subs.values():
                 if sub.retry_task is not None:
                     sub.retry_task.cancel()
@@ -341,6 +342,14 @@ class Client:
             return await waiter
         finally:
             self._auth_waiters.pop(ref, None)
+
+    async def _refreshing(self, ws: ClientConnection, exp: float) -> None:
+        """`_refresh`, whose failure stops the client instead of leaving a connection whose token will lapse."""
+        try:
+            await self._refresh(ws, exp)
+        except Exception as error:
+            _log.exception("refreshing the token failed")
+            self._fail(ClientError("internal", repr(error)))
 
     async def _refresh(self, ws: ClientConnection, exp: float) -> None:
         """Send a fresh token before `exp`, for as long as the connection lasts."""
