@@ -467,7 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="colour the readable format (default auto: on a terminal, unless NO_COLOR is set)",
     )
     tail.add_argument("--url", help="the server's WebSocket URL (default: REALTIME_URL or ws://127.0.0.1:8000/ws)")
-    tail.add_argument("--token", help="a bearer token for a server with a token key (default: REALTIME_TOKEN)")
+    tail.add_argument(
+        "--token",
+        help="a bearer token for a server with a token key (default: REALTIME_TOKEN, which, unlike a flag, other"
+        " users cannot read in the process list)",
+    )
     tail.set_defaults(handler=_tail)
     return parser
 
