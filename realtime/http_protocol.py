@@ -16,6 +16,8 @@ head (the request line and the headers), which uvicorn does not bound at all:
                 if they are not a whole head, the head timer starts again from them
     upgrade     a WebSocket handshake is a head like any other; once upgraded, the WebSocket protocol owns the
                 connection
+    streaming   a request under /sse/ is offered an abort of its connection under the scope's extensions
+                (ABORT_EXTENSION), for a stream whose reader takes nothing
     lost        the timer is cancelled; the request being answered learns of it even when requests were
                 pipelined behind it (uvicorn tells only the newest one), and a write after the peer has reset
                 the connection is dropped instead of raising inside the app (uvloop closes the transport on the
@@ -45,6 +47,7 @@ from uvicorn.server import ServerState
 
 from realtime.config import Settings, get_settings
 from realtime.errors import PROBLEM_JSON, Problem, problem_type
+from realtime.stream.sse_wire import ABORT_EXTENSION, SSE_PATH_PREFIX
 
 _log = logging.getLogger(__name__)
 
@@ -173,6 +176,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         assert self._writes is not None
         cycle.transport = self._writes
+        if cycle.scope["path"].startswith(SSE_PATH_PREFIX):
+            # An SSE stream must be able to drop a peer that reads nothing: ending the response only closes the
+            # transport, which then waits for the peer to take what is buffered, forever. Offered to those
+            # requests only, so that no other request pays for the dict.
+            cycle.scope["extensions"] = {ABORT_EXTENSION: {"abort": self.transport.abort}}
         self._answering = cycle
         super()._start_asgi_task(cycle, app)
 

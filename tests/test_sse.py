@@ -22,6 +22,7 @@ from realtime.stream.wire import encode_text_frame
 from tests.support.server import ServerProcess, running_server
 from tests.support.sse import EventReader, open_stream, seqs
 from tests.support.tables import committed_changes, create_streamed_table, head
+from tests.support.waiting import eventually
 from tests.support.ws import StreamClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -340,3 +341,47 @@ async def test_sigterm_ends_streams_at_once_with_the_position_to_resume_from(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.to_thread(server.terminate)
+
+
+def _server_side_socket(server_port: int, client_port: int) -> str | None:
+    """The inode of the server's socket to `client_port` in /proc/net/tcp ("0" once no process holds it), or
+    None when the kernel has no such connection any more."""
+    wanted = (f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}")
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if (fields[1], fields[2]) == wanted:
+            return fields[9]
+    return None
+
+
+async def test_a_reader_that_takes_nothing_is_dropped_not_left_holding_its_connection(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """A stream whose reader takes nothing for WS_SEND_TIMEOUT_S has its connection dropped by the server, as a
+    WebSocket's is: the server no longer holds the socket, however much it had left to send."""
+    env = {"WS_QUEUE_SIZE": "50", "WS_SEND_TIMEOUT_S": "1"}
+    async with running_server(database_url, artifacts_dir / "sse-stuck.log", env=env) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            request = f"GET /sse/{table} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n\r\n"
+            writer.write(request.encode())
+            received = b""
+            async with asyncio.timeout(10):
+                while b"event: subscribed" not in received:
+                    received += await reader.read(4096)
+            client_port = writer.get_extra_info("sockname")[1]
+            assert _server_side_socket(server.port, client_port) not in (None, "0")
+            # From here nothing is read: ~15 MiB, far beyond the socket buffers and the queue.
+            for _ in range(15):
+                await db.execute(
+                    f"INSERT INTO {table} (k, v) SELECT g, repeat('x', $1) FROM generate_series(1, 10) g", BIG
+                )
+
+            async def dropped() -> bool:
+                return _server_side_socket(server.port, client_port) in (None, "0")
+
+            await eventually(dropped, 20, "the server dropped the stuck stream's connection")
+            assert "SSE stream closed" in server.log_text()
+            assert "without completing response" not in server.log_text()
+        finally:
+            writer.close()

@@ -39,7 +39,7 @@ from realtime.stream.outbox import Outbox
 from realtime.stream.pipeline import StreamPipeline
 from realtime.stream.protocol import ProtocolError, Subscribe
 from realtime.stream.sse_request import parse_request
-from realtime.stream.sse_wire import HEARTBEAT, SseSink
+from realtime.stream.sse_wire import ABORT_EXTENSION, HEARTBEAT, SseSink
 
 _log = logging.getLogger(__name__)
 
@@ -222,7 +222,8 @@ async def _run(
     send: Send,
 ) -> None:
     settings = pipeline.settings
-    sink = SseSink(send, subscribe.since)
+    offered = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    sink = SseSink(send, subscribe.since, offered["abort"] if offered else None)
     outbox = Outbox(
         sink,
         sink.close_message,

@@ -15,7 +15,7 @@ Lifecycle of a stream (an `SseSink`):
                message to `close_message`, which writes the final `end` event naming the position to resume
                from and ends the response
     ended      `ended` is set: by the end of the response, by `abort` (a peer that takes nothing, after
-               WS_SEND_TIMEOUT_S), or by the client's disconnect
+               WS_SEND_TIMEOUT_S: the connection is dropped), or by the client's disconnect
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ from typing import Any
 
 import orjson
 
+SSE_PATH_PREFIX = "/sse/"
+# The ASGI scope extension under which realtime's HTTP protocol (http_protocol.py) offers `{"abort": ...}`: drop
+# the connection at once. Without it (another server) a stuck stream's response is left incomplete, and the
+# server closes the connection once the peer has taken what was buffered.
+ABORT_EXTENSION = "realtime.abort"
 # How long a browser's EventSource waits before reconnecting after the stream ends or breaks.
 RETRY_MS = 1000
 HEARTBEAT = b": keep-alive\n\n"
@@ -99,8 +104,9 @@ class SseSink:
 
     direct = False
 
-    def __init__(self, send: SendFn, resume_from: int | None) -> None:
+    def __init__(self, send: SendFn, resume_from: int | None, abort: Callable[[], None] | None = None) -> None:
         self._send = send
+        self._abort = abort
         self.started = False  # the response has begun: a refusal can no longer be a problem+json response
         self.ended = asyncio.Event()
         self.disconnected = False
@@ -158,5 +164,8 @@ class SseSink:
         self.ended.set()
 
     def abort(self) -> None:
-        """Stop at once: the stream's task returns, and the server drops a response it never completed."""
+        """Drop the connection at once (a peer that reads nothing could never receive the end); the stream's task
+        returns."""
+        if self._abort is not None and not self.ended.is_set():
+            self._abort()
         self.ended.set()
