@@ -9,17 +9,23 @@ import os
 import pty
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
 
+from realtime.auth.tokens import issue_token
 from realtime.cli import main
-from tests.support.server import ServerProcess
+from realtime.config import Settings
+from realtime.dsn import Dsn
+from tests.support.server import ServerProcess, running_server
 from tests.support.tables import committed_changes, create_streamed_table, head
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.timeout(60)
+
+SECRET = "tail-test-secret-" + "t" * 40
 
 
 def _environment(**extra: str) -> dict[str, str]:
@@ -218,3 +224,29 @@ def test_a_url_that_is_not_a_websocket_url_is_refused(capsys: pytest.CaptureFixt
     """--url (or REALTIME_URL) must be ws(s):// or http(s)://; anything else is status 2."""
     assert main(["tail", "users", "--url", "ftp://example.com"]) == 2
     assert "ws://HOST:PORT/ws" in capsys.readouterr().err
+
+
+async def test_a_token_from_realtime_token_is_used_and_a_missing_one_is_refused(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """Against a server with a token key, REALTIME_TOKEN authenticates tail; without a token it exits 1 saying why."""
+    env = {"AUTH_JWT_SECRET": SECRET}
+    async with running_server(database_url, artifacts_dir / "tail-auth.log", env=env) as server:
+        refused = await _start(table, "--url", server.ws_url)
+        try:
+            async with asyncio.timeout(20):
+                _, error = await refused.communicate()
+            assert refused.returncode == 1
+            assert "unauthorized" in error.decode()
+        finally:
+            await _stop(refused)
+
+        token = issue_token(Settings(auth_jwt_secret=SECRET), sub="7", role=None, ttl_s=600, claims={})
+        since = str(await head(db))
+        process = await _start(table, "--url", server.ws_url, "--json", "--since", since, REALTIME_TOKEN=token)
+        try:
+            await db.execute(f"INSERT INTO {table} (k) VALUES (1)")
+            (line,) = await _lines(process, 1)
+            assert json.loads(line)["row"]["k"] == 1
+        finally:
+            await _stop(process)
