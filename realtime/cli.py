@@ -453,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_filter_condition,
         metavar="COLUMN=OP:VALUE",
         help="only rows where the condition holds (ops: eq neq lt lte gt gte in is; VALUE as JSON when it parses,"
-        " else a string; `in` takes [..] or a,b,c); repeatable, all must hold",
+        " else a string; `in` takes a JSON list: id=in:[1,2]); repeatable, all must hold",
     )
     tail.add_argument("--events", type=_event_list, metavar="OPS", help="e.g. INSERT,DELETE (default: all three)")
     start = tail.add_mutually_exclusive_group()

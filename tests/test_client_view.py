@@ -112,12 +112,12 @@ def test_change_frames_become_typed_events() -> None:
         ('name=eq:"5"', ("name", "eq", "5")),
         ("flag=is:null", ("flag", "is", None)),
         ("id=in:[1,2]", ("id", "in", [1, 2])),
-        ("status=in:active,3", ("status", "in", ["active", 3])),
+        ('status=in:["active",3]', ("status", "in", ["active", 3])),
         ("note=eq:a:b=c", ("note", "eq", "a:b=c")),
     ],
 )
 def test_filter_text_reads_values_as_json_else_strings(text: str, condition: tuple[str, str, Any]) -> None:
-    """`column=op:value`: the value is JSON when it parses, else the text; `in` also takes a,b,c."""
+    """`column=op:value`: the value is JSON when it parses, else the text."""
     assert parse_condition(text) == condition
 
 
@@ -129,7 +129,8 @@ def test_filter_text_reads_values_as_json_else_strings(text: str, condition: tup
         ("=eq:1", "column=op:value"),
         ("email=like:a", "unknown filter op 'like'"),
         ("flag=is:1", "`is` takes null, true or false"),
-        ("id=in:[]", "`in` takes a non-empty list"),
+        ("id=in:[]", "`in` takes a non-empty JSON list"),
+        ("status=in:a,b", "`in` takes a non-empty JSON list"),
         ("id=eq:[1]", "`eq` takes one value"),
     ],
 )

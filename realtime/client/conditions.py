@@ -1,9 +1,9 @@
-"""Filter conditions written as text, `column=op:value`, for command lines and query strings.
+"""Filter conditions written as text, `column=op:value`, for command lines: the syntax of the SSE endpoint's
+`filter` parameter (docs/sse.md), so a condition reads the same in `realtime tail` and in a URL.
 
 `op` is one of the protocol's (`eq neq lt lte gt gte in is`). `value` is read as JSON when it parses and as the
 text itself otherwise, so `id=gt:5` compares with the number 5, `email=eq:a@b.c` with a string, `name=eq:"5"` with
-the string "5", and `flag=is:null` tests for null. `in` takes a JSON list (`id=in:[1,2,3]`) or comma-separated
-items, each read the same way (`status=in:active,paused`).
+the string "5", `flag=is:null` tests for null and `id=in:[1,2,3]` takes a list.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ def parse_condition(text: str) -> Condition:
         raise ValueError(f"unknown filter op {op!r} in {text!r}; ops: {' '.join(FILTER_OPS)}")
     value = _value(raw)
     if op == "in":
-        if not isinstance(value, list):
-            value = [_value(item) for item in raw.split(",")]
-        if not value or any(isinstance(item, list | dict) for item in value):
-            raise ValueError(f"`in` takes a non-empty list of values, not {raw!r}")
+        if not isinstance(value, list) or not value or any(isinstance(item, list | dict) for item in value):
+            raise ValueError(f'`in` takes a non-empty JSON list of values (e.g. [1,2] or ["a","b"]), not {raw!r}')
     elif op == "is":
         if not (value is None or isinstance(value, bool)):
             raise ValueError(f"`is` takes null, true or false, not {raw!r}")
