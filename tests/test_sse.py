@@ -17,6 +17,7 @@ import pytest
 
 from realtime.auth.tickets import TicketError, Tickets
 from realtime.dsn import Dsn
+from realtime.stream.sse import STATUS
 from realtime.stream.sse_wire import RETRY_MS, event, event_from_frame
 from realtime.stream.wire import encode_text_frame
 from tests.support.server import ServerProcess, running_server
@@ -242,6 +243,12 @@ async def test_every_bad_request_is_problem_json_with_the_websocket_code(
         f"/problems/{code.replace('_', '-')}",
     )
     assert words in problem["detail"], problem
+
+
+def test_the_sse_doc_lists_every_refusal_code() -> None:
+    """docs/sse.md names every error code a refused stream can carry."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "sse.md").read_text()
+    assert [code for code in STATUS if f"`{code}`" not in doc] == []
 
 
 async def test_a_bad_last_event_id_and_a_foreign_origin_are_refused(sse_http: httpx.AsyncClient, table: str) -> None:
