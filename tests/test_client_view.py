@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -147,3 +149,14 @@ def test_a_token_is_refreshed_before_it_expires() -> None:
     assert refresh_delay(exp=100, now=0, previous_exp=None) == 70
     assert refresh_delay(exp=3, now=0, previous_exp=None) == 1
     assert refresh_delay(exp=100, now=0, previous_exp=100) == 50
+
+
+def test_the_client_imports_nothing_but_websockets_and_the_standard_library() -> None:
+    """`import realtime.client` (and the tail command's module) loads no third-party package besides websockets."""
+    probe = (
+        "import sys, realtime.client, realtime.client.conditions, realtime.tail\n"
+        "names = {name.split('.')[0] for name in sys.modules if not name.startswith('_')}\n"
+        "print(sorted(names - set(sys.stdlib_module_names) - {'realtime'}))"
+    )
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert found.strip() == "['websockets']"
