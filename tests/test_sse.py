@@ -286,11 +286,47 @@ async def test_streams_count_against_the_websocket_connection_limits(
                     problem = orjson.loads(await refused.response.aread())
                     assert problem["type"] == "/problems/too-many-connections-from-client"
                     assert int(refused.response.headers["Retry-After"]) > 0
-            # The stream that ended gave its place back.
-            async with open_stream(http, f"/sse/{table}") as again:
-                assert again.response.status_code == 200
+
+            async def reopened() -> bool:
+                async with open_stream(http, f"/sse/{table}") as again:
+                    return again.response.status_code == 200
+
+            await eventually(reopened, 10, "the place of the stream that ended, given back")
         finally:
             await ws.close()
+
+
+async def test_the_process_bounds_refuse_a_stream_as_they_refuse_a_subscribe(
+    database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection, table: str
+) -> None:
+    """WS_MAX_FILTER_VALUES, STREAM_SNAPSHOT_MAX_BYTES and WS_MAX_SUBSCRIPTIONS_TOTAL refuse a stream with the
+    subscribe's codes, as problem+json; the last with Retry-After, and a freed place is taken again."""
+    env = {"WS_MAX_FILTER_VALUES": "3", "STREAM_SNAPSHOT_MAX_BYTES": "65536", "WS_MAX_SUBSCRIPTIONS_TOTAL": "1"}
+    await db.execute(f"INSERT INTO {table} (k, v) SELECT g, repeat('x', 1000) FROM generate_series(1, 100) g")
+    async with (
+        running_server(database_url, artifacts_dir / "sse-bounds.log", env=env) as server,
+        httpx.AsyncClient(base_url=server.base_url, timeout=10.0) as http,
+    ):
+        response = await http.get(f"/sse/{table}", params={"filter": "k=in:[1,2,3,4]"})
+        assert (response.status_code, response.json()["code"]) == (400, "filter_budget_exceeded")
+        response = await http.get(f"/sse/{table}", params={"snapshot": "true"})
+        assert (response.status_code, response.json()["code"]) == (400, "snapshot_too_large")
+        async with open_stream(http, f"/sse/{table}") as held:
+            await held.until(lambda e: e.kind == "subscribed")
+            response = await http.get(f"/sse/{table}")
+            assert (response.status_code, response.json()["code"]) == (503, "too_many_subscriptions")
+            assert response.json()["retry_after_ms"] > 0
+            assert int(response.headers["Retry-After"]) >= 1
+
+        async def reopened() -> list[int] | None:
+            """The snapshot of a narrower stream, once the closed one's place is free (None until then)."""
+            async with open_stream(http, f"/sse/{table}", params={"snapshot": "true", "filter": "k=lte:10"}) as again:
+                if again.response.status_code != 200:
+                    return None
+                _, snapshot = await again.until(lambda e: e.kind == "subscribed")
+            return sorted(row["k"] for e in snapshot for row in e.json["rows"])
+
+        assert await eventually(reopened, 10, "a stream in the place the closed one freed") == list(range(1, 11))
 
 
 BIG = 100 * 1024
