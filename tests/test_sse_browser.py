@@ -148,3 +148,59 @@ async def test_a_ticket_opens_a_stream_for_an_eventsource(
         assert token not in url
     finally:
         await asyncio.to_thread(server.terminate)
+
+
+def _documented_follow() -> str:
+    """The `follow` function of docs/client.md's Server-Sent Events example, as the page would run it."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "client.md").read_text()
+    section = doc[doc.index("## Server-Sent Events") :]
+    start = section.index("async function follow(")
+    return section[start : section.index("\n}\n", start) + 2]
+
+
+async def test_the_documented_ticket_example_resumes_across_a_restart_exactly_once(
+    page: Page, database_url: Dsn, artifacts_dir: Path, db: asyncpg.Connection
+) -> None:
+    """docs/client.md's `follow` (a ticket per stream, reopened with `since`) on a server with a token key keeps
+    every change once, in order, while writers commit and the server is SIGTERMed and started again."""
+    table = await create_streamed_table(db, "ssefollow")
+    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE}
+    log_path = artifacts_dir / "sse-browser-follow.log"
+    server = ServerProcess(database=database_url, log_path=log_path, env=env, port=free_port())
+    await asyncio.to_thread(server.start)
+    stop = asyncio.Event()
+
+    async def write() -> None:
+        conn = await asyncpg.connect(database_url.asyncpg())
+        try:
+            while not stop.is_set():
+                await conn.execute(f"INSERT INTO {table} (k, v) VALUES (1, 'w')")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.02)  # pacing the writer, not waiting for an effect
+        finally:
+            await conn.close()
+
+    writer = asyncio.ensure_future(write())
+    try:
+        await page.goto(server.base_url + "/realtime.js")
+        script = "async ([table, token]) => { window.__got = []; " + _documented_follow()
+        script += "\nwindow.__stop = await follow(table, () => token, (frame) => window.__got.push(frame.seq)); }"
+        await page.evaluate(script, [table, make_token(role="admin")])
+        await wait_for(page, "() => window.__got.length >= 10")
+        assert await asyncio.to_thread(server.terminate) == 0
+        down_at = await head(db)
+        await asyncio.to_thread(server.start)
+        up_at = await head(db)
+        assert up_at > down_at, "nothing was committed while the server was down"
+        await wait_for(page, "seq => window.__got.some((s) => s > seq)", up_at)
+        stop.set()
+        await writer
+        got: list[int] = await page.evaluate("() => window.__got")
+        truth = [c["seq"] for c in await committed_changes(db, table, got[0] - 1)]
+        got = await wait_for(page, "last => window.__got.at(-1) === last && window.__got", truth[-1])
+        assert got == truth
+        await page.evaluate("() => window.__stop()")
+    finally:
+        stop.set()
+        await asyncio.gather(writer, return_exceptions=True)
+        await asyncio.to_thread(server.terminate)
