@@ -35,7 +35,7 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 _TOTALS = re.compile(r"^totals:\s+(\d+)", re.MULTILINE)
 
 
-def _database(admin: str, name: str) -> str:
+def recreate_database(admin: str, name: str) -> str:
     async def recreate() -> None:
         conn = await asyncpg.connect(admin)
         try:
@@ -48,7 +48,7 @@ def _database(admin: str, name: str) -> str:
     return admin.rsplit("/", 1)[0] + "/" + name
 
 
-def _wait_healthy(base: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_healthy(base: str, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -71,7 +71,7 @@ def _gets(base: str, count: int) -> None:
 
 def measure(tree: Path, admin: str, port: int, warmup: int, requests: int, work: Path) -> float:
     """Instructions per GET of one server run from `tree`."""
-    url = _database(admin, "bench_instructions")
+    url = recreate_database(admin, "bench_instructions")
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(tree), "LOG_LEVEL": "warning", "PYTHONHASHSEED": "0"}
     subprocess.run([sys.executable, "-m", "realtime", "migrate"], cwd=tree, env=env, check=True, capture_output=True)
     out = work / f"callgrind.{port}"
@@ -85,7 +85,7 @@ def measure(tree: Path, admin: str, port: int, warmup: int, requests: int, work:
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(base, process, 300)
+        wait_healthy(base, process, 300)
         httpx.post(f"{base}/users", json={"name": "Ada", "email": "ada@example.com"}, timeout=60).raise_for_status()
         _gets(base, warmup)
         control = ["callgrind_control"]

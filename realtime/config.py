@@ -100,6 +100,11 @@ class Settings(BaseSettings):
     ws_queue_bytes: int = Field(
         default=1_048_576, ge=4096, description="Bytes queued per WebSocket before it is closed with 4008."
     )
+    ws_coalesce_max_keys: int = Field(
+        default=10_000,
+        ge=1,
+        description="Rows a coalescing subscription may hold merged while its connection is behind; past it, 4008.",
+    )
     ws_max_connections: int = Field(
         default=10_000, ge=1, description="Open WebSockets per process; more are refused with 503 before the upgrade."
     )

@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0005_truncate_capture"
+HEAD = "0006_transaction_ids"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,6 +43,10 @@ async def _objects(url: Dsn) -> dict[str, object]:
             ),
             "truncate_triggers": await conn.fetchval(
                 "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture_truncate'"
+            ),
+            "changes_tx": await conn.fetchval(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = to_regclass('realtime.changes') AND attname = 'tx' AND NOT attisdropped"
             ),
             "functions": [
                 row[0]
@@ -100,9 +104,11 @@ MIGRATED = {
         "realtime.utc_jsonb(anyelement)",
     ],
     "streamed": ["public.users"],
+    "changes_tx": "xid8",
     "revision": HEAD,
 }
-CAPTURE_V3 = {**MIGRATED, "truncate_triggers": 0, "functions": CAPTURE_V3_FUNCTIONS, "revision": "0004_utc_rows"}
+CAPTURE_V4 = {**MIGRATED, "changes_tx": None, "revision": "0005_truncate_capture"}
+CAPTURE_V3 = {**CAPTURE_V4, "truncate_triggers": 0, "functions": CAPTURE_V3_FUNCTIONS, "revision": "0004_utc_rows"}
 CAPTURE_V2 = {**CAPTURE_V3, "functions": CAPTURE_V2_FUNCTIONS, "revision": "0003_shared_capture"}
 CAPTURE_V1 = {
     **CAPTURE_V2,
@@ -122,6 +128,7 @@ EMPTY = {
     "truncate_triggers": 0,
     "functions": [],
     "streamed": None,
+    "changes_tx": None,
     "revision": None,
 }
 
@@ -137,7 +144,8 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Each revision's downgrade undoes exactly that revision: capture v4 to v3 to v2 to v1, then the schema."""
+    """Each revision's downgrade undoes exactly that revision: capture v5 to v4 to v3 to v2 to v1, then the
+    schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
     migrate.upgrade(fresh_url, "0002_capture")
@@ -146,8 +154,12 @@ def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
     assert objects(fresh_url) == CAPTURE_V2
     migrate.upgrade(fresh_url, "0004_utc_rows")
     assert objects(fresh_url) == CAPTURE_V3
+    migrate.upgrade(fresh_url, "0005_truncate_capture")
+    assert objects(fresh_url) == CAPTURE_V4
     migrate.upgrade(fresh_url)
     assert objects(fresh_url) == MIGRATED
+    migrate.downgrade(fresh_url, "0005_truncate_capture")
+    assert objects(fresh_url) == CAPTURE_V4
     migrate.downgrade(fresh_url, "0004_utc_rows")
     assert objects(fresh_url) == CAPTURE_V3
     migrate.downgrade(fresh_url, "0003_shared_capture")
@@ -208,7 +220,7 @@ def test_capture_v4_upgrades_and_downgrades_with_streamed_tables(fresh_url: Dsn)
     execute(fresh_url, STREAMED_AT_V3)
     v3_check = rows(fresh_url, OP_CHECK)
 
-    migrate.upgrade(fresh_url)
+    migrate.upgrade(fresh_url, "0005_truncate_capture")
     assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
     execute(fresh_url, "INSERT INTO notes VALUES (1, 'a')")
     execute(fresh_url, "TRUNCATE shop.orders, notes, plain; INSERT INTO notes VALUES (2, 'b');")
@@ -230,13 +242,41 @@ def test_capture_v4_upgrades_and_downgrades_with_streamed_tables(fresh_url: Dsn)
     execute(fresh_url, "TRUNCATE notes; INSERT INTO notes VALUES (3, 'c');")
     assert rows(fresh_url, CHANGES)[-1] == (5, "notes", "INSERT")
 
-    migrate.upgrade(fresh_url)
+    migrate.upgrade(fresh_url, "0005_truncate_capture")
     assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
     execute(fresh_url, "TRUNCATE shop.orders; SELECT realtime.enable_stream('plain'); TRUNCATE plain;")
     assert rows(fresh_url, CHANGES)[-2:] == [(6, "orders", "TRUNCATE"), (7, "plain", "TRUNCATE")]
     execute(fresh_url, "SELECT realtime.disable_stream('plain'); TRUNCATE plain;")
     assert rows(fresh_url, TRUNCATE_TRIGGERS) == [("notes",), ("shop.orders",), ("users",)]
     assert rows(fresh_url, CHANGES)[-1] == (7, "plain", "TRUNCATE")
+
+
+TRANSACTIONS = "SELECT seq, tx::text FROM realtime.changes ORDER BY seq"
+
+
+def test_capture_v5_records_each_change_transaction(fresh_url: Dsn) -> None:
+    """From v5 on every change names its transaction: one id for all changes of a transaction, TRUNCATE included;
+    rows recorded before the upgrade keep none; back to v4 the column is gone and capture goes on."""
+    migrate.upgrade(fresh_url, "0005_truncate_capture")
+    execute(fresh_url, "CREATE TABLE notes (id bigint PRIMARY KEY); SELECT realtime.enable_stream('notes');")
+    execute(fresh_url, "INSERT INTO notes VALUES (1)")
+
+    migrate.upgrade(fresh_url)
+    execute(fresh_url, "INSERT INTO notes VALUES (2), (3)")
+    execute(fresh_url, "TRUNCATE notes; INSERT INTO notes VALUES (4);")
+    recorded = rows(fresh_url, TRANSACTIONS)
+    assert [seq for seq, _ in recorded] == [1, 2, 3, 4, 5]
+    before, first, second = recorded[0][1], {tx for _, tx in recorded[1:3]}, {tx for _, tx in recorded[3:]}
+    assert before is None
+    assert len(first) == 1
+    assert len(second) == 1
+    assert first != second
+    assert None not in first | second
+
+    migrate.downgrade(fresh_url, "0005_truncate_capture")
+    assert objects(fresh_url)["changes_tx"] is None
+    execute(fresh_url, "INSERT INTO notes VALUES (6)")
+    assert rows(fresh_url, CHANGES)[-1] == (6, "notes", "INSERT")
 
 
 def test_upgrade_at_head_is_a_no_op(fresh_url: Dsn) -> None:

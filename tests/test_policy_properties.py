@@ -171,7 +171,7 @@ async def expected_frames(
 
 
 def essence(frame: Frame) -> dict[str, Any]:
-    return {k: v for k, v in frame.items() if k not in ("type", "id", "table", "ts")}
+    return {k: v for k, v in frame.items() if k not in ("type", "id", "table", "ts", "tx", "tx_end")}
 
 
 # --- the property -------------------------------------------------------------------------------------------------

@@ -162,6 +162,8 @@ async def test_a_row_moving_out_arrives_as_its_key_and_one_moving_in_without_its
         "key": {"id": row_id},
         "old": {"id": row_id},
         "ts": moved_out["ts"],
+        "tx": moved_out["tx"],
+        "tx_end": True,
     }
     assert moved_in["row"] == {"id": row_id, "k": 3, "v": "back"}
     assert "old" not in moved_in  # it held k = 4 before: not this member's to read

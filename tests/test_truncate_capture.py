@@ -207,8 +207,8 @@ async def test_the_changelog_reads_a_truncate(db: asyncpg.Connection) -> None:
     before = await head(db)
     await db.execute(f"TRUNCATE {table}")
     through = await changelog.stable_position(db)
-    live = await changelog.read_range(db, before, through, 10)
-    replayed = await changelog.replay_chunk(db, TableKey("public", table), before, through, 10)
+    live = await changelog.read_range(db, before, through)
+    replayed = await changelog.replay_chunk(db, TableKey("public", table), before, through)
     for changes in (live, replayed):
         assert [(c.seq, c.table, c.op, c.new_json, c.old_json) for c in changes] == [
             (through, TableKey("public", table), "TRUNCATE", None, None)

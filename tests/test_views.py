@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from realtime.auth.policy import condition_sql
 from realtime.stream.filters import compile_condition
-from tests.support.tables import create_streamed_table, head
+from tests.support.tables import create_streamed_table, head, transaction_groups
 from tests.support.ws import Frame, StreamClient
 
 Rows = dict[Any, dict[str, Any]]
@@ -75,7 +75,7 @@ async def test_truncate_resets_every_view_live_in_a_replay_and_in_a_snapshot(
     assert [f["view"] for f in live] == ["added", "added", "reset", "added"]
     reset = live[2]
     assert reset == {"type": "change", "id": "all", "seq": reset["seq"], "table": table, "op": "TRUNCATE",
-                     "view": "reset", "ts": reset["ts"]}  # fmt: skip
+                     "view": "reset", "ts": reset["ts"], "tx": reset["tx"], "tx_end": True}  # fmt: skip
     # A filter that matches nothing and an events list without it still get the reset: it empties every view.
     assert [f["view"] for f in frames["none"]] == ["reset"]
     assert [f["view"] for f in frames["inserts"]] == ["added", "added", "reset", "added"]
@@ -151,30 +151,53 @@ async def test_snapshot_and_frames_equal_the_query(
     # Unfiltered, on the same connection: once it has seen the last position, so has the filtered one.
     everything = secrets.token_hex(4)
     await client.subscribe(everything, table=table)
-    ids = [r["id"] for r in await db.fetch(f"SELECT id FROM {table}")]
-    for statements in transactions:
-        async with db.transaction():
-            for write in statements:
-                if write[0] == "insert":
-                    sql = f"INSERT INTO {table} (k, v, flag) VALUES ($1, $2, $3) RETURNING id"
-                    ids.append(await db.fetchval(sql, *write[1:]))
-                elif write[0] == "update" and ids:
-                    sql = f"UPDATE {table} SET k = $2, v = $3 WHERE id = $1"
-                    await db.execute(sql, ids[write[1] % len(ids)], *write[2:])
-                elif write[0] == "delete" and ids:
-                    await db.execute(f"DELETE FROM {table} WHERE id = $1", ids.pop(write[1] % len(ids)))
-                elif write[0] == "truncate":
-                    # PostgreSQL refuses a TRUNCATE after rows were written in the same transaction (their
-                    # commit-time capture is pending), so a TRUNCATE starts its own.
-                    break
-            else:
-                continue
+    try:
+        ids = [r["id"] for r in await db.fetch(f"SELECT id FROM {table}")]
+        committed = [rows]  # the view's query after each transaction
+        for statements in transactions:
+            committed.extend(await run_transaction(db, table, statements, ids, wire))
+        last = await head(db)
+        await db.execute(f"INSERT INTO {table} (k, v) VALUES (9, 'fence')")
+        # The fence's own frame may reach the filtered subscription first: only what came before it counts.
+        frames = [f for f in (await collect(client, everything, last)).get(sub_id, []) if f["seq"] <= last]
+        assert apply(rows, frames) == committed[-1], (wire, transactions)
+        assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
+        # Applied a transaction at a time (up to each `tx_end`), the view passes only through committed states,
+        # in the order they were committed.
+        state, reached = rows, 0
+        for group in transaction_groups(frames):
+            state = apply(state, group)
+            assert state in committed[reached:], (wire, transactions, group)
+            reached = committed.index(state, reached)
+    finally:
+        await client.request({"type": "unsubscribe", "id": sub_id})
+        await client.request({"type": "unsubscribe", "id": everything})
+
+
+async def run_transaction(
+    db: asyncpg.Connection, table: str, statements: list[Any], ids: list[int], wire: list[dict[str, Any]]
+) -> list[Rows]:
+    """Commit the writes (a TRUNCATE ends the transaction and commits on its own); the query after each commit."""
+    after: list[Rows] = []
+    truncate = False
+    async with db.transaction():
+        for write in statements:
+            if write[0] == "insert":
+                sql = f"INSERT INTO {table} (k, v, flag) VALUES ($1, $2, $3) RETURNING id"
+                ids.append(await db.fetchval(sql, *write[1:]))
+            elif write[0] == "update" and ids:
+                sql = f"UPDATE {table} SET k = $2, v = $3 WHERE id = $1"
+                await db.execute(sql, ids[write[1] % len(ids)], *write[2:])
+            elif write[0] == "delete" and ids:
+                await db.execute(f"DELETE FROM {table} WHERE id = $1", ids.pop(write[1] % len(ids)))
+            elif write[0] == "truncate":
+                # PostgreSQL refuses a TRUNCATE after rows were written in the same transaction (their
+                # commit-time capture is pending), so a TRUNCATE starts its own.
+                truncate = True
+                break
+    after.append(await query(db, table, wire))
+    if truncate:
         await db.execute(f"TRUNCATE {table}")
         ids.clear()
-    last = await head(db)
-    await db.execute(f"INSERT INTO {table} (k, v) VALUES (9, 'fence')")
-    frames = (await collect(client, everything, last)).get(sub_id, [])
-    assert apply(rows, frames) == await query(db, table, wire), (wire, transactions)
-    assert [f["seq"] for f in frames] == sorted({f["seq"] for f in frames})
-    await client.request({"type": "unsubscribe", "id": sub_id})
-    await client.request({"type": "unsubscribe", "id": everything})
+        after.append({})
+    return after

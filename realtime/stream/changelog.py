@@ -7,7 +7,7 @@ committed later can land inside a range already read. Every read here is bounded
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -25,9 +25,18 @@ def utc_text(expression: str) -> str:
     return f"(to_jsonb(({expression}) AT TIME ZONE 'UTC') #>> '{{}}') || '+00:00'"
 
 
-_COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {utc_text('committed_at')}"
+_COLUMNS = f"seq, table_schema, table_name, op, new_row::text, old_row::text, {utc_text('committed_at')}, tx::text"
 
-READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+READ_RANGE = f"SELECT {_COLUMNS} FROM realtime.changes WHERE seq > $1 AND seq <= $2 ORDER BY seq"
+# The transactions whose changes in ($1, $2] fall into more than one of the ranges ($1 + k*$3, $1 + (k+1)*$3], with
+# the position of their last change: what a reader of those ranges cannot see from one range alone.
+_SPANNING = """
+    SELECT tx::text, max(seq) FROM realtime.changes
+    WHERE seq > $1 AND seq <= $2 AND tx IS NOT NULL {table}
+    GROUP BY tx HAVING (min(seq) - $1 - 1) / $3 <> (max(seq) - $1 - 1) / $3
+"""
+_SPANNING_ALL = _SPANNING.format(table="")
+_SPANNING_TABLE = _SPANNING.format(table="AND table_schema = $4 AND table_name = $5")
 _HOLD_POSITION = "SELECT realtime.hold_position()"
 _RELEASE_POSITION = "SELECT realtime.release_position()"
 # How many times a snapshot finds its table held (a TRUNCATE, a schema change) before it gives up.
@@ -46,13 +55,55 @@ def _change(record: asyncpg.Record, offset: int = 0) -> Change:
         new_json=record[offset + 4],
         old_json=record[offset + 5],
         ts=record[offset + 6],
+        tx=record[offset + 7],
     )
 
 
-async def read_range(conn: asyncpg.Connection, after: int, through: int, limit: int) -> list[Change]:
-    """The changes with after < seq <= through, in order, at most `limit`; `through` must be stable."""
-    records = await conn.fetch(READ_RANGE, after, through, limit)
+async def read_range(conn: asyncpg.Connection, after: int, through: int) -> list[Change]:
+    """The changes with after < seq <= through, in order; `through` must be stable. Large ranges are read in
+    pieces (see `pieces`), so that what one read holds in memory is bounded by the piece's size."""
+    records = await conn.fetch(READ_RANGE, after, through)
     return [_change(record) for record in records]
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A range of positions (after, through] cut into pieces of at most `size` positions, with what a reader of
+    one piece needs from the others to tell where each transaction ends: `ends`, the last position of every
+    transaction whose changes lie in more than one piece."""
+
+    after: int
+    through: int
+    size: int
+    ends: dict[str, int]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        """(after, through) of each piece, in order."""
+        for start in range(self.after, self.through, self.size):
+            yield start, min(start + self.size, self.through)
+
+    def continuing(self, changes: Sequence[Change], through: int) -> frozenset[str]:
+        """The transactions of `changes` (a piece ending at `through`) that have changes after it."""
+        ends = self.ends
+        if not ends:
+            return frozenset()
+        return frozenset(c.tx for c in changes if c.tx is not None and ends.get(c.tx, 0) > through)
+
+
+async def pieces(
+    conn: asyncpg.Connection, after: int, through: int, size: int, table: TableKey | None = None
+) -> Pieces:
+    """The range (after, through] (`through` stable) as pieces of `size` positions, for reading all changes or,
+    with `table`, that table's. One extra statement, and only for a range longer than one piece: it reads the
+    range once more, grouped by transaction (no index on `tx`: writers would pay for one on every change)."""
+    ends: dict[str, int] = {}
+    if through - after > size:
+        if table is None:
+            records = await conn.fetch(_SPANNING_ALL, after, through, size)
+        else:
+            records = await conn.fetch(_SPANNING_TABLE, after, through, size, table.schema, table.name)
+        ends = {record[0]: record[1] for record in records}
+    return Pieces(after, through, size, ends)
 
 
 async def stable_position(conn: asyncpg.Connection) -> int:
@@ -206,15 +257,15 @@ _REPLAY_CHUNK = f"""
     LEFT JOIN LATERAL (
         SELECT {_COLUMNS} FROM realtime.changes
         WHERE seq > $1 AND seq <= $2 AND table_schema = $3 AND table_name = $4
-        ORDER BY seq LIMIT $5
+        ORDER BY seq
     ) c ON true
 """
 
 
-async def replay_chunk(conn: asyncpg.Connection, table: TableKey, after: int, until: int, limit: int) -> list[Change]:
-    """At most `limit` changes to `table` with after < seq <= until, in order; CursorExpired if retention took
-    some. A long replay is read chunk by chunk, each on a connection held only for that one statement."""
-    records = await conn.fetch(_REPLAY_CHUNK, after, until, table.schema, table.name, limit)
+async def replay_chunk(conn: asyncpg.Connection, table: TableKey, after: int, until: int) -> list[Change]:
+    """The changes to `table` with after < seq <= until (stable), in order; CursorExpired if retention took some.
+    A long replay is read piece by piece (`pieces`), each on a connection held only for that one statement."""
+    records = await conn.fetch(_REPLAY_CHUNK, after, until, table.schema, table.name)
     pruned_through, newest = int(records[0][0]), int(records[0][1])
     if after < pruned_through:
         raise CursorExpired(f"changes up to {pruned_through} were pruned by retention; resubscribe with a snapshot")

@@ -29,9 +29,11 @@ class TableKey(NamedTuple):
 @dataclass(eq=False, slots=True)
 class Change:
     """One committed change: of a row (`op` INSERT, UPDATE or DELETE), or a TRUNCATE of the whole table, which
-    has no rows (`new_json` and `old_json` are None). Rows stay as the JSON text PostgreSQL produced: a row is
-    decoded once per change (for its key, and for filters and rules), and a subscription that sees whole rows
-    gets that text spliced into its frame, never re-encoded."""
+    has no rows (`new_json` and `old_json` are None). `tx` is the id of the transaction that made it, the same for
+    all of that transaction's changes (None for changes recorded before capture v5: each stands alone).
+
+    Rows stay as the JSON text PostgreSQL produced: a row is decoded once per change (for its key, and for filters
+    and rules), and a subscription that sees whole rows gets that text spliced into its frame, never re-encoded."""
 
     seq: int
     table: TableKey
@@ -39,6 +41,7 @@ class Change:
     new_json: str | None
     old_json: str | None
     ts: str
+    tx: str | None = None
     _new: Row | None = field(default=None, repr=False)
     _old: Row | None = field(default=None, repr=False)
 

@@ -38,6 +38,7 @@ from realtime.db import DATABASE_ERRORS
 from realtime.stream import changelog
 from realtime.stream.changelog import CursorExpired, SnapshotMemoryBusy, SnapshotTooLarge, StreamedTable
 from realtime.stream.changes import TableKey
+from realtime.stream.coalescing import Coalescer
 from realtime.stream.filters import Condition, compile_filter
 from realtime.stream.hub import Subscription
 from realtime.stream.outbox import CLOSE_POLICY_VIOLATION, CLOSE_UNAUTHENTICATED, Outbox
@@ -58,6 +59,7 @@ from realtime.stream.protocol import (
 )
 from realtime.stream.rate import TokenBucket
 from realtime.stream.reads import RETRY_AFTER_BUSY_MS, ReadsBusy
+from realtime.stream.transactions import Held, Lookbehind, Segmenter
 from realtime.stream.views import ChangeFrames
 from realtime.stream.wire import encode_text_frame, sink_for
 
@@ -462,7 +464,11 @@ class ClientSession:
             max_pending_bytes=settings.ws_queue_bytes,
             grant=grant,
             key_columns=table.primary_key,
+            coalescer=Coalescer(request.id, table.key.wire_name, settings.ws_coalesce_max_keys)
+            if request.coalesce
+            else None,
         )
+        await self._wait_settled(refuse)
         if hub.subscription_count >= settings.ws_max_subscriptions_total:
             # Checked again: other connections' subscribes may have filled the process while this one waited.
             raise refuse(
@@ -472,7 +478,8 @@ class ClientSession:
             )
         self._subscriptions[request.id] = sub
         hub.add(sub)
-        # Everything up to here is synchronous, so no change was published between add() and reading this.
+        # Everything from the last check of `settled` to here is synchronous: no change was published between
+        # add() and reading this, and no transaction is partly published.
         hub_position = hub.position
         try:
             if request.snapshot:
@@ -505,6 +512,18 @@ class ClientSession:
                 "seq": position,
             },
         )
+
+    async def _wait_settled(self, refuse: Callable[..., ProtocolError]) -> None:
+        """Wait until no transaction is partly published (one larger than a listener read is being read)."""
+        hub = self._pipeline.hub
+        try:
+            async with asyncio.timeout(self._pipeline.settings.listener_heartbeat_timeout_s):
+                while not hub.settled.is_set():
+                    await hub.settled.wait()
+        except TimeoutError:
+            raise refuse(
+                "unavailable", "a large transaction is still being read; retry shortly", RETRY_AFTER_DATABASE_MS
+            ) from None
 
     async def _send_history(self, text: str, seq: int) -> None:
         await self._outbox.put(encode_text_frame(text), seq)
@@ -543,22 +562,42 @@ class ClientSession:
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
+        """Send the subscription's changes after `since` up to `until` (a position no transaction spans), each
+        frame with its `tx_end` as the hub would have sent it live."""
         chunk_size = self._pipeline.settings.listener_batch_size
-        after = since
-        while True:
-            if self._outbox.gone:
-                raise _Closing  # checked per chunk too: a chunk with nothing for this filter sends nothing
+        if since >= until:
             async with self._pipeline.reads.connection() as conn:
-                changes = await changelog.replay_chunk(conn, sub.table, after, until, chunk_size)
-            for change in changes:
+                await changelog.replay_chunk(conn, sub.table, since, since)  # still refuses an expired cursor
+            return max(since, until)
+        async with self._pipeline.reads.connection() as conn:
+            pieces = await changelog.pieces(conn, since, until, chunk_size, sub.table)
+        segmenter = Segmenter()
+        lookbehind = Lookbehind()
+        for after, through in pieces:
+            if self._outbox.gone:
+                raise _Closing  # checked per piece too: a piece with nothing for this filter sends nothing
+            async with self._pipeline.reads.connection() as conn:
+                changes = await changelog.replay_chunk(conn, sub.table, after, through)
+            marks = segmenter.mark(changes, pieces.continuing(changes, through))
+            for index, change in enumerate(changes):
                 if change.op not in sub.events and change.op != "TRUNCATE":
                     continue
-                text = ChangeFrames(change).text(sub.id, sub.filter, sub.grant, sub.key_columns)
-                if text is not None:
-                    await self._send_history(text, change.seq)
-            if len(changes) < chunk_size:
-                return max(since, until)
-            after = changes[-1].seq
+                frames = ChangeFrames(change)
+                if frames.text(sub.id, sub.filter, sub.grant, sub.key_columns, False) is None:
+                    continue
+                for ready, tx_end in lookbehind.push(change.seq, marks.segments[index], marks.ends[index], frames):
+                    await self._send_replayed(sub, ready, tx_end)
+            settled = lookbehind.settle(marks.open_segment)
+            if settled is not None:
+                await self._send_replayed(sub, settled, True)
+        return until
+
+    async def _send_replayed(self, sub: Subscription, held: Held, tx_end: bool) -> None:
+        frames = held.payload
+        assert isinstance(frames, ChangeFrames)
+        text = frames.text(sub.id, sub.filter, sub.grant, sub.key_columns, tx_end)
+        assert text is not None  # it was in the view when it was held
+        await self._send_history(text, held.seq)
 
     def _drop(self, sub: Subscription) -> None:
         self._subscriptions.pop(sub.id, None)

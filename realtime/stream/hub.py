@@ -8,7 +8,9 @@ Lifecycle of a subscription:
     removed       unsubscribe or disconnect
 
 `publish()` runs on the listener's task for each batch, in `seq` order. It never awaits: a change is matched,
-encoded once per distinct subscription id, and offered to each outbox. Subscriptions with an `eq` condition are
+encoded once per distinct subscription id, and offered to each outbox. A change inside a transaction of several
+changes is the exception: a subscriber's frame waits for its next one, or the end of the read, to learn whether it
+is the subscriber's last of the transaction (`tx_end`, transactions.py). Subscriptions with an `eq` condition are
 indexed by that column's value, so a change costs nothing for subscriptions whose indexed value differs.
 
 A subscription restricted by a policy grant (realtime/auth/policy.py) is indexed the same way, on its grant's
@@ -27,9 +29,12 @@ from dataclasses import dataclass, field
 
 from realtime.auth.policy import Grant
 from realtime.stream.changes import Change, TableKey
+from realtime.stream.coalescing import Coalescer, Pending
 from realtime.stream.filters import Condition, RowFilter, value_key
 from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
-from realtime.stream.views import ChangeFrames
+from realtime.stream.transactions import Held, Lookbehind, Segmenter
+from realtime.stream.views import ChangeFrames, Parts
+from realtime.stream.wire import encode_text_frame
 
 _log = logging.getLogger(__name__)
 
@@ -48,6 +53,8 @@ class Subscription:
     pending_bytes: int = 0
     grant: Grant | None = None  # None: every row and column of the table (open mode, or a rule without limits)
     key_columns: tuple[str, ...] = ("id",)  # the table's primary key, sent as each frame's `key`
+    lookbehind: Lookbehind = field(default_factory=Lookbehind)  # its newest frame until `tx_end` is known
+    coalescer: Coalescer | None = None  # `"coalesce": true`: merges its frames while the socket is behind
 
     @property
     def index_condition(self) -> Condition | None:
@@ -75,6 +82,33 @@ class Subscription:
             self.outbox.close(CLOSE_TOO_SLOW, "too slow")
             self.pending.clear()
             self.pending_bytes = 0
+
+    def coalesce(self, seq: int, change: Change, parts: Parts) -> None:
+        """Merge a live frame into the backlog (the socket is behind, or the backlog is not yet written)."""
+        assert self.coalescer is not None
+        if self.outbox.closed or seq <= self.position:
+            return
+        if not self.coalescer.add(Pending(seq, change.op, change.ts, change.tx, parts)):
+            self.outbox.close(CLOSE_TOO_SLOW, "too slow")
+            return
+        if self.outbox.behind:
+            self.outbox.when_room(self.write_coalesced)
+        else:
+            self.write_coalesced()
+
+    def write_coalesced(self) -> None:
+        """Write the merged backlog, oldest first, as far as the connection's queue takes it."""
+        coalescer, outbox = self.coalescer, self.outbox
+        assert coalescer is not None
+        while coalescer and not outbox.closed:
+            text, seq, last = coalescer.peek()
+            frame = encode_text_frame(text)
+            if not outbox.has_room(len(frame)):
+                outbox.when_room(self.write_coalesced)
+                return
+            coalescer.pop()
+            self.position = seq
+            outbox.offer(frame, seq, flush=last)
 
     def go_live(self, position: int) -> None:
         """Start live delivery after history up to `position` was sent; no change is skipped or repeated."""
@@ -158,6 +192,12 @@ class Hub:
         self._outboxes: dict[Outbox, None] = {}
         self.no_connections = asyncio.Event()
         self.no_connections.set()
+        self._segmenter = Segmenter()
+        self._holding: dict[Subscription, None] = {}  # subscriptions with a frame held back (transactions.py)
+        # Set while no transaction is partly published. A subscription registered mid-transaction would receive
+        # its second half only, and a replay up to `position` would end inside it: subscribing waits for this.
+        self.settled = asyncio.Event()
+        self.settled.set()
 
     @property
     def subscription_count(self) -> int:
@@ -184,20 +224,34 @@ class Hub:
         table.add(sub)
 
     def remove(self, sub: Subscription) -> None:
+        self._holding.pop(sub, None)
         table = self._tables.get(sub.table)
         if table is not None and table.remove(sub) and table.count == 0:
             del self._tables[sub.table]
 
-    def publish(self, changes: Sequence[Change]) -> None:
+    def publish(self, changes: Sequence[Change], continuing: frozenset[str] = frozenset()) -> None:
+        """Fan out one read of the changelog, in `seq` order; `continuing`: its transactions that have changes
+        after it (a transaction larger than one read), whose subscribers' last frames wait for the next read."""
+        marks = self._segmenter.mark(changes, continuing)
+        segments, ends = marks.segments, marks.ends
         # A batch's last change is written to each socket as soon as it is matched, together with the batch's
         # earlier frames queued before it: still one write per socket per batch, but the first subscriber no
         # longer waits until every other subscriber has been matched.
         last = len(changes) - 1
         for index, change in enumerate(changes):
-            self._publish_one(change, flush=index == last)
+            self._publish_one(change, segments[index], ends[index], flush=index == last)
             self.position = change.seq
+            if ends[index] and self._holding:
+                # The segment closed: frames held for it are their subscribers' last of it. Sent now, before
+                # any later change's frame, so that one connection's frames of different subscriptions still
+                # leave in transaction order.
+                self._settle(None)
+        if marks.open_segment is None:
+            self.settled.set()
+        else:
+            self.settled.clear()
 
-    def _publish_one(self, change: Change, flush: bool) -> None:
+    def _publish_one(self, change: Change, segment: int, tx_end: bool, flush: bool) -> None:
         table = self._tables.get(change.table)
         if table is None:
             return
@@ -210,16 +264,53 @@ class Hub:
         for sub in table.candidates(change):
             if op not in sub.events and op != "TRUNCATE":
                 continue
+            if not tx_end or sub.lookbehind.held is not None or sub.coalescer is not None:
+                # Inside a transaction of several changes: the frame may not be this subscriber's last of it.
+                # (And a coalescing subscription's frame may have to wait, merged, for a slow socket.)
+                self._push(sub, frames, seq, segment, tx_end, flush)
+                continue
             if sub.grant is None and not sub.filter.conditions:
                 frame = whole.get(sub.id)
                 if frame is None:
-                    frame = whole[sub.id] = frames.whole_frame(sub.id, sub.key_columns)
+                    frame = whole[sub.id] = frames.whole_frame(sub.id, sub.key_columns, True)
             else:
-                restricted = frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns)
+                restricted = frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns, True)
                 if restricted is None:
                     continue
                 frame = restricted
             sub.deliver(seq, frame, flush)
+
+    def _push(self, sub: Subscription, frames: ChangeFrames, seq: int, segment: int, ends: bool, flush: bool) -> None:
+        if frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns, False) is None:
+            return  # not in this subscriber's view: nothing to hold or send
+        for held, tx_end in sub.lookbehind.push(seq, segment, ends, frames):
+            self._send_held(sub, held, tx_end, flush)
+        if sub.lookbehind.held is None:
+            self._holding.pop(sub, None)
+        else:
+            self._holding[sub] = None
+
+    def _send_held(self, sub: Subscription, held: Held, tx_end: bool, flush: bool) -> None:
+        frames = held.payload
+        assert isinstance(frames, ChangeFrames)
+        frame = frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns, tx_end)
+        assert frame is not None  # it was in the view when it was held
+        # A coalescing subscription merges instead of queueing once its socket is behind or its queue is full
+        # (where the frame would close it with 4008), and as long as merged frames wait: they go out first.
+        if sub.coalescer is not None and sub.pending is None and (sub.coalescer or not sub.outbox.has_room(len(frame))):
+            parts = frames.parts(sub.filter, sub.grant, sub.key_columns)
+            assert parts is not None
+            sub.coalesce(held.seq, frames.change, parts)
+            return
+        sub.deliver(held.seq, frame, flush)
+
+    def _settle(self, open_segment: int | None) -> None:
+        """Send the held frames whose segment has closed (all but `open_segment`'s) as their subscribers' last."""
+        for sub in list(self._holding):
+            held = sub.lookbehind.settle(open_segment)
+            if held is not None:
+                self._send_held(sub, held, True, flush=True)
+                del self._holding[sub]
 
     def close_all(self, code: int, why: str, timeout: float) -> None:
         for outbox in list(self._outboxes):

@@ -41,6 +41,7 @@ CHANNEL = "realtime_changes"
 APPLICATION_NAME = "realtime-listener"
 State = Literal["connecting", "live", "reconnecting", "stopped"]
 _MIN_READ_INTERVAL_S = 0.002
+_SPANS_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -181,16 +182,20 @@ class Listener:
             # nothing after it can be published before it ends. The link is fine; the next heartbeat tries again.
             _log.info("a transaction holding a stream position is still open; waiting for it")
             return
-        while self._hub.position < through:
+        if self._hub.position >= through:
+            return
+        # Grouping a long range's changes by transaction reads it once more, a few seconds' worth for millions of
+        # changes: given more time than one piece's read.
+        async with asyncio.timeout(max(timeout, _SPANS_TIMEOUT_S)):
+            pieces = await changelog.pieces(conn, self._hub.position, through, batch_size)
+        for after, until in pieces:
             async with asyncio.timeout(timeout):
-                changes = await changelog.read_range(conn, self._hub.position, through, batch_size)
+                changes = await changelog.read_range(conn, after, until)
             if not changes:
-                break  # only positions of rolled-back transactions were left
-            self._hub.publish(changes)
+                continue  # only positions of rolled-back transactions here
+            self._hub.publish(changes, pieces.continuing(changes, until))
             newest_commit = datetime.fromisoformat(changes[-1].ts).timestamp()
             self._last_change_lag_s = max(0.0, time.time() - newest_commit)
-            if len(changes) < batch_size:
-                break
         # Everything up to `through` is final and published, holes included: replays may start there.
         self._hub.position = max(self._hub.position, through)
 

@@ -74,6 +74,7 @@ class Outbox:
         "_queued_bytes",
         "_queued_seq",
         "_room",
+        "_room_hooks",
         "_send",
         "_send_timeout",
         "_seqs",
@@ -101,6 +102,9 @@ class Outbox:
         self._flush_scheduled = False
         self._writer: asyncio.Task[None] | None = None
         self._room: asyncio.Event | None = None  # created only when a put() has to wait
+        # Called (soon after, never from inside a write) once the queue has been written or dropped: coalescing
+        # subscriptions waiting to send what they merged while the socket was behind (coalescing.py).
+        self._room_hooks: list[Callable[[], None]] = []
         self._close: tuple[int, str, float] | None = None
         self.last_seq_sent = 0
         self._queued_seq = 0  # highest seq ever queued: what last_seq_sent becomes once the queue is written
@@ -129,6 +133,19 @@ class Outbox:
     def gone(self) -> bool:
         """The peer has left, or the connection is closing: nothing more can reach the client."""
         return self._close is not None or self._sink.gone()
+
+    @property
+    def behind(self) -> bool:
+        """The socket has not taken what was written: frames wait for the transport to drain."""
+        return self._writer is not None and self._close is None
+
+    def has_room(self, size: int) -> bool:
+        return self._close is None and self._writer is None and self._has_room(size)
+
+    def when_room(self, hook: Callable[[], None]) -> None:
+        """Call `hook` once, soon after the queue is next written (or the connection closes)."""
+        if hook not in self._room_hooks:
+            self._room_hooks.append(hook)
 
     def _has_room(self, size: int) -> bool:
         # One frame larger than the byte bound still goes out when nothing else is queued.
@@ -242,6 +259,10 @@ class Outbox:
     def _signal_room(self) -> None:
         if self._room is not None:
             self._room.set()
+        if self._room_hooks:
+            hooks, self._room_hooks = self._room_hooks, []
+            for hook in hooks:
+                self._loop.call_soon(hook)
 
     async def _drain(self) -> None:
         """Send what the fast path could not: wait for the transport to drain, or send frame by frame."""

@@ -54,6 +54,7 @@ class Subscribe:
     conditions: tuple[Condition, ...]
     since: int | None
     snapshot: bool
+    coalesce: bool = False  # merge the backlog per key while the connection is behind (coalescing.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class Auth:
 ClientMessage = Auth | Subscribe | Unsubscribe | Ping
 
 _ALLOWED_FIELDS = {
-    "subscribe": {"type", "ref", "id", "table", "events", "filter", "since", "snapshot"},
+    "subscribe": {"type", "ref", "id", "table", "events", "filter", "since", "snapshot", "coalesce"},
     "unsubscribe": {"type", "ref", "id"},
     "ping": {"type", "ref"},
     "auth": {"type", "ref", "token"},
@@ -166,6 +167,9 @@ def _subscribe(message: dict[str, Any], ref: Ref, sub_id: str) -> Subscribe:
         raise bad("bad_message", "'snapshot' must be true or false")
     if snapshot and since is not None:
         raise bad("bad_message", "'since' and 'snapshot' are mutually exclusive")
+    coalesce = message.get("coalesce", False)
+    if not isinstance(coalesce, bool):
+        raise bad("bad_message", "'coalesce' must be true or false")
     return Subscribe(
         ref=ref,
         id=sub_id,
@@ -174,6 +178,7 @@ def _subscribe(message: dict[str, Any], ref: Ref, sub_id: str) -> Subscribe:
         conditions=tuple(conditions),
         since=since,
         snapshot=snapshot,
+        coalesce=coalesce,
     )
 
 

@@ -38,59 +38,75 @@ REMOVED = "removed"
 RESET = "reset"  # TRUNCATE: every view of the table is empty now, whatever its filter or grant
 # The view of a subscription that neither filters nor is restricted, by op: every row is in it.
 WHOLE_TABLE_VIEW = {"INSERT": ADDED, "UPDATE": MODIFIED, "DELETE": REMOVED}
-# A body is built only for the first subscription that receives it.
-_Body: TypeAlias = Callable[[], str]
+# What a frame says of its row: (view, key, row, old), each a JSON text or None where the frame has none.
+Parts: TypeAlias = tuple[str, str | None, str | None, str | None]
+# A frame's parts are worked out only for the first subscription that receives them.
+_Body: TypeAlias = Callable[[], Parts]
 
 
 class ChangeFrames:
     """The frames of one change for the subscriptions it reaches, each body built once and encoded once per
     subscription id (two subscriptions with one id on two connections receive the same bytes)."""
 
-    __slots__ = ("_change", "_encoded", "_keys", "_table", "_whole")
+    __slots__ = ("_encoded", "_keys", "_table", "_whole", "change")
 
     def __init__(self, change: Change) -> None:
-        self._change = change
+        self.change = change
         self._table = orjson.dumps(change.table.wire_name).decode()
         self._keys: dict[tuple[bool, tuple[str, ...]], str] = {}
-        self._encoded: dict[tuple[str, Hashable], bytes] = {}
-        self._whole: dict[str, bytes] = {}
+        self._encoded: dict[tuple[str, Hashable, bool], bytes] = {}
+        self._whole: dict[tuple[str, bool], bytes] = {}
 
     def frame(
-        self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]
+        self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...], tx_end: bool
     ) -> bytes | None:
-        """The encoded frame this subscription receives, or None when the change does not touch its view."""
-        if (grant is None and not row_filter.conditions) or self._change.op == "TRUNCATE":
-            return self.whole_frame(sub_id, key_columns)
+        """The encoded frame this subscription receives, or None when the change does not touch its view;
+        `tx_end`: it is the subscription's last frame of its transaction (transactions.py)."""
+        if (grant is None and not row_filter.conditions) or self.change.op == "TRUNCATE":
+            return self.whole_frame(sub_id, key_columns, tx_end)
         decided = self.decide(row_filter, grant, key_columns)
         if decided is None:
             return None
         variant, body = decided
-        cache_key = (sub_id, variant)
+        cache_key = (sub_id, variant, tx_end)
         frame = self._encoded.get(cache_key)
         if frame is None:
-            frame = self._encoded[cache_key] = encode_text_frame(change_frame(sub_id, body()))
+            text = change_frame(sub_id, self._compose(*body()), self._tail(tx_end))
+            frame = self._encoded[cache_key] = encode_text_frame(text)
         return frame
 
-    def whole_frame(self, sub_id: str, key_columns: tuple[str, ...]) -> bytes:
+    def whole_frame(self, sub_id: str, key_columns: tuple[str, ...], tx_end: bool) -> bytes:
         """The frame of a subscription whose view is the whole table (no filter, no grant): one body per change."""
-        frame = self._whole.get(sub_id)
+        cache_key = (sub_id, tx_end)
+        frame = self._whole.get(cache_key)
         if frame is None:
-            frame = self._whole[sub_id] = encode_text_frame(change_frame(sub_id, self._whole_body(key_columns)))
+            body = self._whole_body(key_columns)
+            frame = self._whole[cache_key] = encode_text_frame(change_frame(sub_id, body, self._tail(tx_end)))
         return frame
 
-    def text(self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> str | None:
+    def text(
+        self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...], tx_end: bool
+    ) -> str | None:
         """The frame as text (for a replay, which sends one subscription's frames one by one)."""
         decided = self.decide(row_filter, grant, key_columns)
-        return change_frame(sub_id, decided[1]()) if decided is not None else None
+        return change_frame(sub_id, self._compose(*decided[1]()), self._tail(tx_end)) if decided is not None else None
+
+    def parts(self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> Parts | None:
+        """What the subscription's frame would say of the row, or None (for merging frames: coalescing.py)."""
+        decided = self.decide(row_filter, grant, key_columns)
+        return decided[1]() if decided is not None else None
+
+    def _tail(self, tx_end: bool) -> str:
+        return transaction_tail(self.change.tx, tx_end)
 
     def decide(
         self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]
     ) -> tuple[Hashable, _Body] | None:
         """(what distinguishes this body from the change's other bodies, how to build it), or None."""
-        change = self._change
+        change = self.change
         op = change.op
         if op == "TRUNCATE":
-            return RESET, lambda: self._whole_body(key_columns)
+            return RESET, lambda: (RESET, None, None, None)
         if grant is not None:
             return self._restricted(row_filter, grant, key_columns)
         view: str | None
@@ -106,17 +122,17 @@ class ChangeFrames:
         if view is None:
             return None
         chosen = view
-        return (chosen, key_columns), lambda: self._body(chosen, key_columns)
+        return (chosen, key_columns), lambda: self._parts(chosen, key_columns)
 
     @property
     def _new(self) -> Row:
-        row = self._change.new_row
+        row = self.change.new_row
         assert row is not None
         return row
 
     @property
     def _old(self) -> Row:
-        row = self._change.old_row
+        row = self.change.old_row
         assert row is not None
         return row
 
@@ -128,80 +144,94 @@ class ChangeFrames:
         return cached
 
     def _whole_body(self, key_columns: tuple[str, ...]) -> str:
-        change = self._change
+        change = self.change
         if change.op == "TRUNCATE":
-            return f'"seq":{change.seq},"table":{self._table},"op":"TRUNCATE","view":"{RESET}","ts":"{change.ts}"}}'
-        return self._body(WHOLE_TABLE_VIEW[change.op], key_columns)
+            return self._compose(RESET, None, None, None)
+        return self._compose(*self._parts(WHOLE_TABLE_VIEW[change.op], key_columns))
 
-    def _body(self, view: str, key_columns: tuple[str, ...]) -> str:
-        change = self._change
+    def _parts(self, view: str, key_columns: tuple[str, ...]) -> Parts:
+        change = self.change
         removed = view == REMOVED
         row = None if removed else change.new_json
         old = change.old_json if view != ADDED else None
-        return self._compose(view, self._key(key_columns, removed), row, old)
+        return view, self._key(key_columns, removed), row, old
 
     def _restricted(
         self, row_filter: RowFilter, grant: Grant, key_columns: tuple[str, ...]
     ) -> tuple[Hashable, _Body] | None:
-        op = self._change.op
+        op = self.change.op
         if op == "INSERT":
             new = self._new
             view = grant.view(new) if row_filter.matches(new) else False
             if not view:
                 return None
-            return (ADDED, view), lambda: self._compose(
-                ADDED, self._key(key_columns, False), self._shown(False, view), None
-            )
+            return (ADDED, view), lambda: (ADDED, self._key(key_columns, False), self._shown(False, view), None)
         if op == "DELETE":
             old = self._old
             view = grant.view(old) if row_filter.matches(old) else False
             if not view:
                 return None
-            return (REMOVED, view), lambda: self._compose(
-                REMOVED, self._key(key_columns, True), None, self._shown(True, view)
-            )
+            return (REMOVED, view), lambda: (REMOVED, self._key(key_columns, True), None, self._shown(True, view))
         new, old = self._new, self._old
         readable_new, readable_old = grant.view(new), grant.view(old)
         in_new = readable_new if readable_new and row_filter.matches(new) else False
         in_old = readable_old if readable_old and row_filter.matches(old) else False
         if in_new and in_old:
-            return (MODIFIED, in_new, in_old), lambda: self._compose(
-                MODIFIED, self._key(key_columns, False), self._shown(False, in_new), self._shown(True, in_old)
+            return (MODIFIED, in_new, in_old), lambda: (
+                MODIFIED,
+                self._key(key_columns, False),
+                self._shown(False, in_new),
+                self._shown(True, in_old),
             )
         if in_new:
-            return (ADDED, in_new), lambda: self._compose(
-                ADDED, self._key(key_columns, False), self._shown(False, in_new), None
-            )
+            return (ADDED, in_new), lambda: (ADDED, self._key(key_columns, False), self._shown(False, in_new), None)
         if not in_old:
             return None
         key = self._key(key_columns, True)
         if readable_new:  # only the filter moved it out: the old values were the subscriber's to read
-            return (REMOVED, in_old), lambda: self._compose(REMOVED, key, None, self._shown(True, in_old))
+            return (REMOVED, in_old), lambda: (REMOVED, key, None, self._shown(True, in_old))
         # Out of what the grant lets it read: nothing of the row but the key it already knows.
-        return (REMOVED, "key"), lambda: self._compose(REMOVED, key, None, key)
+        return (REMOVED, "key"), lambda: (REMOVED, key, None, key)
 
     def _shown(self, old: bool, view: RowView) -> str:
         """The new (or old) row as the grant shows it: PostgreSQL's own text when it shows every column, as for an
         unrestricted subscription, else the trimmed row encoded."""
         if view is True:
-            text = self._change.old_json if old else self._change.new_json
+            text = self.change.old_json if old else self.change.new_json
             assert text is not None
             return text
         return _text(self._old if old else self._new, view)
 
-    def _compose(self, view: str, key: str, row: str | None, old: str | None) -> str:
-        change = self._change
-        parts = [f'"seq":{change.seq},"table":{self._table},"op":"{change.op}","view":"{view}","key":{key}']
-        if row is not None:
-            parts.append(f'"row":{row}')
-        if old is not None:
-            parts.append(f'"old":{old}')
-        parts.append(f'"ts":"{change.ts}"')
-        return ",".join(parts) + "}"
+    def _compose(self, view: str, key: str | None, row: str | None, old: str | None) -> str:
+        change = self.change
+        return compose_body(change.seq, self._table, change.op, (view, key, row, old), change.ts)
 
 
-def change_frame(sub_id: str, body: str) -> str:
-    return '{"type":"change","id":' + orjson.dumps(sub_id).decode() + "," + body
+def compose_body(seq: int, table: str, op: str, parts: Parts, ts: str) -> str:
+    """A change frame's fields after its id, up to (not including) the transaction's; `table` is JSON text."""
+    view, key, row, old = parts
+    fields = [f'"seq":{seq},"table":{table},"op":"{op}","view":"{view}"']
+    if key is not None:
+        fields.append(f'"key":{key}')
+    if row is not None:
+        fields.append(f'"row":{row}')
+    if old is not None:
+        fields.append(f'"old":{old}')
+    fields.append(f'"ts":"{ts}"')
+    return ",".join(fields)
+
+
+def transaction_tail(tx: str | None, tx_end: bool) -> str:
+    """What closes a change frame: its transaction and whether the frame ends it (neither for a change
+    recorded before capture v5, which stands alone)."""
+    if tx is None:
+        return "}"
+    return f',"tx":"{tx}","tx_end":true}}' if tx_end else f',"tx":"{tx}"}}'
+
+
+def change_frame(sub_id: str, body: str, tail: str) -> str:
+    """A change frame's text: `body` is its fields after the id, `tail` the rest (transactions.py)."""
+    return '{"type":"change","id":' + orjson.dumps(sub_id).decode() + "," + body + tail
 
 
 def _text(row: Row, view: RowView) -> str:

@@ -58,5 +58,15 @@ def apply_changes(rows: dict[int, dict[str, Any]], frames: list[dict[str, Any]])
     return state
 
 
+def transaction_groups(frames: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Change frames cut after each `tx_end`: what a client that applies whole transactions applies at once."""
+    result: list[list[dict[str, Any]]] = [[]]
+    for frame in frames:
+        result[-1].append(frame)
+        if frame.get("tx_end"):
+            result.append([])
+    return [group for group in result if group]
+
+
 async def head(db: asyncpg.Connection) -> int:
     return int(await db.fetchval("SELECT COALESCE(max(seq), 0) FROM realtime.changes"))
