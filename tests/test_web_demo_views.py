@@ -1,6 +1,8 @@
 """The demo page applies a change's `view` (docs/protocol.md, "change") through its live view (realtime.js
 `LiveView`): an update that takes a row out of the page's filter removes it and one that brings it back adds it; a
-TRUNCATE of `users` empties the table of every page, filtered or not, and rows inserted after it show as usual.
+TRUNCATE of `users` empties the table of every page, filtered or not, and rows inserted after it show as usual; an
+UPDATE of 20 rows in one transaction is drawn in one step, the table going from before to after with nothing in
+between.
 
 The browser is Debian's Chromium driven by playwright (tests/support/browser.py); the pages talk to a server of
 this module's own on the suite's shared database. The TRUNCATE empties the shared `users` table for good: the
@@ -179,3 +181,52 @@ async def test_truncate_empties_every_page_and_later_inserts_show(
         await expect(page.page.get_by_test_id("user-count")).to_have_text("1 user")
         added = (await changes_received(page, starts[page.name], 2))[1:]
         assert [(f["op"], f["view"], f["key"]) for f in added] == [("INSERT", "added", {"id": newcomer})], added
+
+
+# Records, after every batch of DOM mutations in the table body, the emails the table shows, in order: the states a
+# user could have seen. A page that drew each change of a transaction on its own would leave one per change.
+_RECORD_TABLE_STATES = """
+() => {
+  const body = document.querySelector('[data-testid="users-body"]');
+  const emails = () => [...body.querySelectorAll('[data-testid="user-row"] [data-testid="user-email"]')]
+    .map((cell) => cell.textContent);
+  window.__tableStates = [emails()];
+  new MutationObserver(() => window.__tableStates.push(emails()))
+    .observe(body, { subtree: true, childList: true, characterData: true, attributes: true });
+}
+"""
+
+
+async def test_an_update_of_20_rows_in_one_transaction_is_drawn_in_one_step(
+    demo_page: OpenDemo, views_server: ServerProcess, db: asyncpg.Connection
+) -> None:
+    """UPDATE of the 20 rows a filtered page shows, in one transaction: 20 frames of one `tx`, the last with
+    `tx_end`, drawn in one render; the table was never seen with some rows changed and others not."""
+    name = f"Batch {secrets.token_hex(4)}"
+    async with db.transaction():
+        ids = [await insert_user(db, name, unique_email(f"batch{n}")) for n in range(20)]
+    page = await demo_page("page", views_server.base_url)
+    await apply_filter(page, "name", "eq", name)
+    await expect(page.page.get_by_test_id("user-row")).to_have_count(20, timeout=STREAM_TIMEOUT_MS)
+    before: list[str] = [await page.cell(user_id, "email").inner_text() for user_id in sorted(ids, reverse=True)]
+    after = [f"moved.{email}" for email in before]
+    await page.page.evaluate(_RECORD_TABLE_STATES)
+    renders = await page.renders()
+    start = len(page.received_frames)
+
+    async with db.transaction():
+        await db.execute("UPDATE users SET email = 'moved.' || email WHERE name = $1", name)
+    await expect(page.cell(min(ids), "email")).to_have_text(after[-1], timeout=STREAM_TIMEOUT_MS)
+
+    frames = await changes_received(page, start, 20)
+    assert len(frames) == 20, frames
+    assert {(f["op"], f["view"]) for f in frames} == {("UPDATE", "modified")}
+    assert len({f["tx"] for f in frames}) == 1, frames
+    assert [f.get("tx_end", False) for f in frames] == [False] * 19 + [True]
+    assert await page.renders() == renders + 1
+    states: list[list[str]] = await page.page.evaluate("window.__tableStates")
+    assert states[0] == before
+    assert states[-1] == after
+    between = [state for state in states if state not in (before, after)]
+    assert not between, f"the table showed {len(between)} states between before and after, e.g. {between[0]}"
+    await expect(page.page.get_by_test_id("seq")).to_have_text(str(frames[-1]["seq"]))
