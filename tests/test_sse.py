@@ -135,6 +135,8 @@ async def test_curl_reads_live_changes_as_events(sse_server: ServerProcess, db: 
         data = orjson.loads((await line_matching("data:"))[6:])
         assert (data["op"], data["view"], data["row"]["id"], data["row"]["v"]) == ("INSERT", "added", first, "curl")
         assert data["seq"] == int(change_id[4:])
+        assert isinstance(data["tx"], str)  # the transaction fields come through as on /ws
+        assert data["tx_end"] is True
         assert await line_matching(": keep-alive") == ": keep-alive"  # the heartbeat comes while nothing changes
     finally:
         process.kill()
