@@ -116,15 +116,13 @@ class Grant:
         return not any(not b.filter.conditions and b.columns is None for b in self.branches)
 
     def view(self, row: Row) -> RowView:
-        shown: set[str] = set()
-        visible = False
+        shown: frozenset[str] | None = None
         for branch in self.branches:
             if branch.filter.matches(row):
                 if branch.columns is None:
                     return True
-                shown |= branch.columns
-                visible = True
-        return frozenset(shown) if visible else False
+                shown = branch.columns if shown is None else shown | branch.columns
+        return False if shown is None else shown
 
     def covers(self, row: Row) -> bool:
         return any(branch.filter.matches(row) for branch in self.branches)

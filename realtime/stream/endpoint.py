@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from starlette.types import Receive, Scope, Send
@@ -60,7 +60,7 @@ from realtime.stream.protocol import (
 from realtime.stream.rate import TokenBucket
 from realtime.stream.reads import RETRY_AFTER_BUSY_MS, ReadsBusy
 from realtime.stream.transactions import Held, Lookbehind, Segmenter
-from realtime.stream.views import ChangeFrames
+from realtime.stream.views import ChangeFrames, Decided
 from realtime.stream.wire import encode_text_frame, sink_for
 
 _log = logging.getLogger(__name__)
@@ -583,9 +583,11 @@ class ClientSession:
                 if change.op not in sub.events and change.op != "TRUNCATE":
                     continue
                 frames = ChangeFrames(change)
-                if frames.text(sub.id, sub.filter, sub.grant, sub.key_columns, False) is None:
+                decided = frames.decide(sub.filter, sub.grant, sub.key_columns)
+                if decided is None:
                     continue
-                for ready, tx_end in lookbehind.push(change.seq, marks.segments[index], marks.ends[index], frames):
+                decision = (frames, decided)
+                for ready, tx_end in lookbehind.push(change.seq, marks.segments[index], marks.ends[index], decision):
                     await self._send_replayed(sub, ready, tx_end)
             settled = lookbehind.settle(marks.open_segment)
             if settled is not None:
@@ -593,11 +595,8 @@ class ClientSession:
         return until
 
     async def _send_replayed(self, sub: Subscription, held: Held, tx_end: bool) -> None:
-        frames = held.payload
-        assert isinstance(frames, ChangeFrames)
-        text = frames.text(sub.id, sub.filter, sub.grant, sub.key_columns, tx_end)
-        assert text is not None  # it was in the view when it was held
-        await self._send_history(text, held.seq)
+        frames, decided = cast(tuple[ChangeFrames, Decided], held.payload)
+        await self._send_history(frames.text_of(sub.id, decided, tx_end), held.seq)
 
     def _drop(self, sub: Subscription) -> None:
         self._subscriptions.pop(sub.id, None)

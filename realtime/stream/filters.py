@@ -8,7 +8,7 @@ true or false exactly.
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from realtime.stream.changes import Row
@@ -56,17 +56,25 @@ class Condition:
     column: str
     op: str
     value: Any
+    # What `value` compares as (value_key), worked out once: a condition is checked per change and subscription.
+    _key: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.op == "in":
+            key: Any = frozenset(value_key(option) for option in self.value)
+        else:
+            key = value_key(self.value)
+        object.__setattr__(self, "_key", key)
 
     def holds(self, row: Row) -> bool:
         actual = row.get(self.column)
         op = self.op
         if op == "eq":
-            return value_key(actual) == value_key(self.value)
+            return bool(value_key(actual) == self._key)
         if op == "neq":
-            return value_key(actual) != value_key(self.value)
+            return bool(value_key(actual) != self._key)
         if op == "in":
-            key = value_key(actual)
-            return any(key == value_key(option) for option in self.value)
+            return bool(value_key(actual) in self._key)
         if op == "is":
             return actual is self.value
         kind = _kind(actual)
@@ -103,7 +111,11 @@ class RowFilter:
     conditions: tuple[Condition, ...] = ()
 
     def matches(self, row: Row) -> bool:
-        return all(condition.holds(row) for condition in self.conditions)
+        # A loop, not all() over a generator: this runs for every change a filtered subscription is offered.
+        for condition in self.conditions:  # noqa: SIM110
+            if not condition.holds(row):
+                return False
+        return True
 
     @property
     def index_condition(self) -> Condition | None:

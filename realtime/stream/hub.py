@@ -26,6 +26,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 from realtime.auth.policy import Grant
 from realtime.stream.changes import Change, TableKey
@@ -33,7 +34,7 @@ from realtime.stream.coalescing import Coalescer, Pending
 from realtime.stream.filters import Condition, RowFilter, value_key
 from realtime.stream.outbox import CLOSE_TOO_SLOW, Outbox
 from realtime.stream.transactions import Held, Lookbehind, Segmenter
-from realtime.stream.views import ChangeFrames, Parts
+from realtime.stream.views import ChangeFrames, Decided, Parts
 from realtime.stream.wire import encode_text_frame
 
 _log = logging.getLogger(__name__)
@@ -281,9 +282,10 @@ class Hub:
             sub.deliver(seq, frame, flush)
 
     def _push(self, sub: Subscription, frames: ChangeFrames, seq: int, segment: int, ends: bool, flush: bool) -> None:
-        if frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns, False) is None:
+        decided = frames.decide(sub.filter, sub.grant, sub.key_columns)
+        if decided is None:
             return  # not in this subscriber's view: nothing to hold or send
-        for held, tx_end in sub.lookbehind.push(seq, segment, ends, frames):
+        for held, tx_end in sub.lookbehind.push(seq, segment, ends, (frames, decided)):
             self._send_held(sub, held, tx_end, flush)
         if sub.lookbehind.held is None:
             self._holding.pop(sub, None)
@@ -291,16 +293,12 @@ class Hub:
             self._holding[sub] = None
 
     def _send_held(self, sub: Subscription, held: Held, tx_end: bool, flush: bool) -> None:
-        frames = held.payload
-        assert isinstance(frames, ChangeFrames)
-        frame = frames.frame(sub.id, sub.filter, sub.grant, sub.key_columns, tx_end)
-        assert frame is not None  # it was in the view when it was held
+        frames, decided = cast(tuple[ChangeFrames, Decided], held.payload)
+        frame = frames.encode(sub.id, decided, tx_end)
         # A coalescing subscription merges instead of queueing once its socket is behind or its queue is full
         # (where the frame would close it with 4008), and as long as merged frames wait: they go out first.
         if sub.coalescer is not None and sub.pending is None and (sub.coalescer or not sub.outbox.has_room(len(frame))):
-            parts = frames.parts(sub.filter, sub.grant, sub.key_columns)
-            assert parts is not None
-            sub.coalesce(held.seq, frames.change, parts)
+            sub.coalesce(held.seq, frames.change, decided[1]())
             return
         sub.deliver(held.seq, frame, flush)
 

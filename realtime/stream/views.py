@@ -42,6 +42,8 @@ WHOLE_TABLE_VIEW = {"INSERT": ADDED, "UPDATE": MODIFIED, "DELETE": REMOVED}
 Parts: TypeAlias = tuple[str, str | None, str | None, str | None]
 # A frame's parts are worked out only for the first subscription that receives them.
 _Body: TypeAlias = Callable[[], Parts]
+# What `decide` found for one subscription: (what tells this body from the change's others, how to build it).
+Decided: TypeAlias = tuple[Hashable, _Body]
 
 
 class ChangeFrames:
@@ -65,15 +67,19 @@ class ChangeFrames:
         if (grant is None and not row_filter.conditions) or self.change.op == "TRUNCATE":
             return self.whole_frame(sub_id, key_columns, tx_end)
         decided = self.decide(row_filter, grant, key_columns)
-        if decided is None:
-            return None
-        variant, body = decided
-        cache_key = (sub_id, variant, tx_end)
+        return None if decided is None else self.encode(sub_id, decided, tx_end)
+
+    def encode(self, sub_id: str, decided: Decided, tx_end: bool) -> bytes:
+        """The frame `decide` found for a subscription, encoded once per subscription id, body and `tx_end`."""
+        cache_key = (sub_id, decided[0], tx_end)
         frame = self._encoded.get(cache_key)
         if frame is None:
-            text = change_frame(sub_id, self._compose(*body()), self._tail(tx_end))
-            frame = self._encoded[cache_key] = encode_text_frame(text)
+            frame = self._encoded[cache_key] = encode_text_frame(self.text_of(sub_id, decided, tx_end))
         return frame
+
+    def text_of(self, sub_id: str, decided: Decided, tx_end: bool) -> str:
+        """The frame `decide` found, as text (a replay sends one subscription's frames one by one)."""
+        return change_frame(sub_id, self._compose(*decided[1]()), self._tail(tx_end))
 
     def whole_frame(self, sub_id: str, key_columns: tuple[str, ...], tx_end: bool) -> bytes:
         """The frame of a subscription whose view is the whole table (no filter, no grant): one body per change."""
@@ -84,25 +90,12 @@ class ChangeFrames:
             frame = self._whole[cache_key] = encode_text_frame(change_frame(sub_id, body, self._tail(tx_end)))
         return frame
 
-    def text(
-        self, sub_id: str, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...], tx_end: bool
-    ) -> str | None:
-        """The frame as text (for a replay, which sends one subscription's frames one by one)."""
-        decided = self.decide(row_filter, grant, key_columns)
-        return change_frame(sub_id, self._compose(*decided[1]()), self._tail(tx_end)) if decided is not None else None
-
-    def parts(self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> Parts | None:
-        """What the subscription's frame would say of the row, or None (for merging frames: coalescing.py)."""
-        decided = self.decide(row_filter, grant, key_columns)
-        return decided[1]() if decided is not None else None
-
     def _tail(self, tx_end: bool) -> str:
         return transaction_tail(self.change.tx, tx_end)
 
-    def decide(
-        self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]
-    ) -> tuple[Hashable, _Body] | None:
-        """(what distinguishes this body from the change's other bodies, how to build it), or None."""
+    def decide(self, row_filter: RowFilter, grant: Grant | None, key_columns: tuple[str, ...]) -> Decided | None:
+        """(what distinguishes this body from the change's other bodies, how to build it), or None when the change
+        does not touch the subscription's view."""
         change = self.change
         op = change.op
         if op == "TRUNCATE":
@@ -156,9 +149,7 @@ class ChangeFrames:
         old = change.old_json if view != ADDED else None
         return view, self._key(key_columns, removed), row, old
 
-    def _restricted(
-        self, row_filter: RowFilter, grant: Grant, key_columns: tuple[str, ...]
-    ) -> tuple[Hashable, _Body] | None:
+    def _restricted(self, row_filter: RowFilter, grant: Grant, key_columns: tuple[str, ...]) -> Decided | None:
         op = self.change.op
         if op == "INSERT":
             new = self._new
