@@ -87,7 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
                     read_engine=autocommit(engine),
                     stream=stream,
                     auth=verifier,
-                    tickets=Tickets(settings.sse_ticket_ttl_s),
+                    tickets=Tickets(stream.connection, settings.sse_ticket_ttl_s),
                 )
             finally:
                 await stream.stop()

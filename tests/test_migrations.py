@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0006_transaction_ids"
+HEAD = "0007_sse_tickets"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -44,6 +44,7 @@ async def _objects(url: Dsn) -> dict[str, object]:
             "truncate_triggers": await conn.fetchval(
                 "SELECT count(*) FROM pg_trigger WHERE tgname = 'realtime_capture_truncate'"
             ),
+            "sse_tickets": await conn.fetchval("SELECT to_regclass('realtime.sse_tickets') IS NOT NULL"),
             "changes_tx": await conn.fetchval(
                 "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
                 " WHERE attrelid = to_regclass('realtime.changes') AND attname = 'tx' AND NOT attisdropped"
@@ -105,9 +106,11 @@ MIGRATED = {
     ],
     "streamed": ["public.users"],
     "changes_tx": "xid8",
+    "sse_tickets": True,
     "revision": HEAD,
 }
-CAPTURE_V4 = {**MIGRATED, "changes_tx": None, "revision": "0005_truncate_capture"}
+CAPTURE_V5 = {**MIGRATED, "sse_tickets": False, "revision": "0006_transaction_ids"}
+CAPTURE_V4 = {**CAPTURE_V5, "changes_tx": None, "revision": "0005_truncate_capture"}
 CAPTURE_V3 = {**CAPTURE_V4, "truncate_triggers": 0, "functions": CAPTURE_V3_FUNCTIONS, "revision": "0004_utc_rows"}
 CAPTURE_V2 = {**CAPTURE_V3, "functions": CAPTURE_V2_FUNCTIONS, "revision": "0003_shared_capture"}
 CAPTURE_V1 = {
@@ -129,6 +132,7 @@ EMPTY = {
     "functions": [],
     "streamed": None,
     "changes_tx": None,
+    "sse_tickets": False,
     "revision": None,
 }
 
@@ -144,8 +148,8 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Each revision's downgrade undoes exactly that revision: capture v5 to v4 to v3 to v2 to v1, then the
-    schema."""
+    """Each revision's downgrade undoes exactly that revision: the SSE tickets table, capture v5 to v4 to v3 to
+    v2 to v1, then the schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
     migrate.upgrade(fresh_url, "0002_capture")
@@ -156,8 +160,12 @@ def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
     assert objects(fresh_url) == CAPTURE_V3
     migrate.upgrade(fresh_url, "0005_truncate_capture")
     assert objects(fresh_url) == CAPTURE_V4
+    migrate.upgrade(fresh_url, "0006_transaction_ids")
+    assert objects(fresh_url) == CAPTURE_V5
     migrate.upgrade(fresh_url)
     assert objects(fresh_url) == MIGRATED
+    migrate.downgrade(fresh_url, "0006_transaction_ids")
+    assert objects(fresh_url) == CAPTURE_V5
     migrate.downgrade(fresh_url, "0005_truncate_capture")
     assert objects(fresh_url) == CAPTURE_V4
     migrate.downgrade(fresh_url, "0004_utc_rows")

@@ -15,7 +15,8 @@ import httpx
 import orjson
 import pytest
 
-from realtime.auth.tickets import TicketError, Tickets
+from realtime.auth.tickets import TicketError, Tickets, TicketsFull
+from realtime.auth.tokens import Identity
 from realtime.dsn import Dsn
 from realtime.stream.sse import STATUS
 from realtime.stream.sse_wire import RETRY_MS, event, event_from_frame
@@ -83,21 +84,33 @@ def test_a_change_frame_becomes_an_event_with_its_position_and_a_snapshot_one_wi
     assert event(b"end", b'{"a":\n1}') == b'event: end\ndata: {"a":\ndata: 1}\n\n'
 
 
-def test_a_ticket_opens_once_and_not_after_its_time() -> None:
-    """A ticket is redeemed once; a second use and one past its deadline are refused alike."""
-    tickets = Tickets(ttl_s=30.0)
-    ticket = tickets.issue(None)
-    assert tickets.redeem(ticket) is None
+async def test_a_ticket_opens_once_and_not_after_its_time(db: asyncpg.Connection) -> None:
+    """A ticket is redeemed once, for the identity it was issued for; a second use, one past its deadline and one
+    never issued are refused alike; past MAX_OUTSTANDING waiting tickets, issuing is refused."""
+
+    @contextlib.asynccontextmanager
+    async def connect() -> AsyncIterator[asyncpg.Connection]:
+        yield db
+
+    await db.execute("DELETE FROM realtime.sse_tickets")
+    identity = Identity(sub="7", role="member", exp=2_000_000_000, claims={"sub": "7", "team": ["a", 1]})
+    tickets = Tickets(connect, ttl_s=30.0)
+    ticket = await tickets.issue(identity)
+    assert await db.fetchval("SELECT count(*) FROM realtime.sse_tickets WHERE digest = $1", ticket.encode()) == 0
+    assert await tickets.redeem(ticket) == identity
     with pytest.raises(TicketError):
-        tickets.redeem(ticket)
-    expired = Tickets(ttl_s=1e-9)
-    stale = expired.issue(None)
+        await tickets.redeem(ticket)
+    assert await tickets.redeem(await tickets.issue(None)) is None
     with pytest.raises(TicketError):
-        expired.redeem(stale)
-    full = Tickets(ttl_s=30.0, max_outstanding=1)
-    full.issue(None)
-    with pytest.raises(Exception, match="waiting to be used"):
-        full.issue(None)
+        await tickets.redeem("never-issued")
+    stale = await Tickets(connect, ttl_s=1e-9).issue(identity)
+    with pytest.raises(TicketError):
+        await tickets.redeem(stale)
+    full = Tickets(connect, ttl_s=30.0, max_outstanding=1)
+    await full.issue(None)
+    with pytest.raises(TicketsFull):
+        await full.issue(None)
+    await db.execute("DELETE FROM realtime.sse_tickets")
 
 
 # ---------------------------------------------------------------------------------------------- streaming

@@ -224,3 +224,23 @@ async def test_token_expiry_ends_the_stream_with_the_position_to_resume_from(
         _, replayed = await reader.until(lambda e: e.kind == "subscribed")
     assert [e.json["row"]["id"] for e in replayed] == [after]
     assert seqs(replayed) == [await head(db)]
+
+
+async def test_a_ticket_from_one_process_opens_a_stream_on_another_once(
+    guarded: ServerProcess, http: httpx.AsyncClient, database_url: Dsn, artifacts_dir: Path, table: str
+) -> None:
+    """Tickets are kept in the database: one issued by one server process opens a stream on another (as behind a
+    balancer or with --workers), and then on neither."""
+    env = {"AUTH_JWT_SECRET": SECRET, "AUTH_AUDIENCE": AUDIENCE}
+    async with (
+        running_server(database_url, artifacts_dir / "sse-policy-other.log", env=env) as other,
+        httpx.AsyncClient(base_url=other.base_url, timeout=10.0) as elsewhere,
+    ):
+        issued = await http.post("/sse/tickets", headers=bearer(make_token(role="admin")))
+        ticket = issued.json()["ticket"]
+        async with open_stream(elsewhere, f"/sse/{table}", params={"ticket": ticket}) as reader:
+            assert reader.response.status_code == 200, reader.response.text
+            await reader.until(lambda e: e.kind == "subscribed")
+        for client in (elsewhere, http):
+            again = await client.get(f"/sse/{table}", params={"ticket": ticket})
+            assert (again.status_code, again.json()["code"]) == (401, "unauthorized")

@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 from realtime.auth.dependencies import IdentityDep
 from realtime.auth.tickets import TicketError, Tickets, TicketsFull
 from realtime.auth.tokens import Identity, KeysUnavailable, TokenError, TokenVerifier
+from realtime.db import DATABASE_ERRORS
 from realtime.errors import PROBLEM_JSON, Problem, Unavailable, bearer_challenge, problem_type
 from realtime.stream.endpoint import RETRY_AFTER_DATABASE_MS, ClientSession
 from realtime.stream.outbox import Outbox
@@ -83,12 +84,15 @@ router = APIRouter(prefix="/sse", tags=["stream"])
 )
 async def issue_ticket(identity: IdentityDep, request: Request) -> TicketOut:
     """A single-use ticket for `GET /sse/{table}?ticket=...`, for the bearer token's identity, good for
-    SSE_TICKET_TTL_S seconds in this process. The long-lived token never goes in a URL."""
+    SSE_TICKET_TTL_S seconds on any process of the server. The long-lived token never goes in a URL."""
     tickets: Tickets = request.state.tickets
     try:
-        ticket = tickets.issue(identity)
+        ticket = await tickets.issue(identity)
     except TicketsFull as error:
         raise Unavailable(str(error)) from None
+    except DATABASE_ERRORS as error:
+        _log.warning("issuing an SSE ticket failed: %s: %s", type(error).__name__, error)
+        raise Unavailable("the database could not be reached; retry shortly") from None
     return TicketOut(ticket=ticket, expires_in=tickets.ttl_s)
 
 
@@ -193,9 +197,16 @@ async def _identity(request: Request, verifier: TokenVerifier | None, tickets: T
         raise ProtocolError("bad_message", "send a bearer token or a ticket, not both")
     if ticket is not None:
         try:
-            return tickets.redeem(ticket)
+            return await tickets.redeem(ticket)
         except TicketError as error:
             raise ProtocolError("unauthorized", str(error)) from None
+        except DATABASE_ERRORS as error:
+            _log.warning("redeeming an SSE ticket failed: %s: %s", type(error).__name__, error)
+            raise ProtocolError(
+                "unavailable",
+                "the database could not be reached; retry shortly",
+                retry_after_ms=RETRY_AFTER_DATABASE_MS,
+            ) from None
     if header is None:
         raise ProtocolError(
             "unauthorized",
