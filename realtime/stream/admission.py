@@ -1,6 +1,7 @@
-"""Which WebSocket upgrades a process accepts: at most WS_MAX_CONNECTIONS in all and
-WS_MAX_CONNECTIONS_PER_CLIENT per client address. A refused upgrade gets a plain HTTP answer (503 or 429 with
-`Retry-After`) before any WebSocket exists, so it costs the server no connection state.
+"""Which WebSocket upgrades and SSE streams a process accepts: at most WS_MAX_CONNECTIONS in all and
+WS_MAX_CONNECTIONS_PER_CLIENT per client address, the two kinds counted together. A refused one gets a plain
+HTTP answer (503 or 429 with `Retry-After`) before any WebSocket or stream exists, so it costs the server no
+connection state.
 
 The client address is the socket's peer, or the `X-Forwarded-For` address when FORWARDED_ALLOW_IPS trusts
 the proxy in front (uvicorn rewrites the ASGI scope's `client` before the app sees it).
@@ -52,14 +53,15 @@ class Admission:
                 503,
                 "too-many-connections",
                 "Too many connections",
-                f"this server holds its maximum of {self._max_connections} WebSockets; retry later or elsewhere",
+                f"this server holds its maximum of {self._max_connections} streaming connections (WebSockets and SSE"
+                " streams); retry later or elsewhere",
             )
         if self._by_client[client] >= self._max_per_client:
             return Refusal(
                 429,
                 "too-many-connections-from-client",
                 "Too many connections from this client",
-                f"at most {self._max_per_client} WebSockets per client address",
+                f"at most {self._max_per_client} streaming connections (WebSockets and SSE streams) per client address",
             )
         self._total += 1
         self._by_client[client] += 1
