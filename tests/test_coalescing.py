@@ -19,7 +19,7 @@ from realtime.stream.coalescing import Coalescer, Pending, merge
 from realtime.stream.views import Parts
 from tests.support.faults import Recorder
 from tests.support.server import ServerProcess, running_server
-from tests.support.tables import apply_changes, head, table_rows
+from tests.support.tables import apply_changes, committed_changes, head, table_rows
 
 # --- the merge rules ---------------------------------------------------------------------------------------------
 
@@ -108,6 +108,16 @@ async def subscribe_unread(recorder: Recorder, sub_id: str, **fields: Any) -> di
         rows.update((row["id"], row) for row in frame.get("rows", []))
 
 
+# A subscriber of one row that no write touches but the fence: frames of large rows would overflow its queue.
+FENCE_ONLY = [{"column": "id", "op": "eq", "value": -1}]
+
+
+async def wait_read_through(conn: asyncpg.Connection, table: str, fence: Recorder) -> None:
+    """Commit the fence row and wait until its frame arrives: the server has read every change before it."""
+    await conn.execute(f"INSERT INTO {table} VALUES (-1, -1, 'fence')")
+    await fence.wait_through(await head(conn), timeout=60)
+
+
 async def write_rounds(conn: asyncpg.Connection, table: str, rows: int, rounds: int) -> None:
     """`rounds` UPDATEs of every hot row with a large value, then moves that exercise every merge: rows deleted,
     re-inserted, moved out of the filter (k < 0) and in again."""
@@ -127,16 +137,16 @@ async def test_a_coalescing_subscriber_that_falls_behind_catches_up_to_the_exact
     in_view = [{"column": "k", "op": "gte", "value": 0}]
     merged = await Recorder.open(server_of.ws_url, max_queue=1, start=False)
     plain = await Recorder.open(server_of.ws_url, max_queue=1, start=False)
-    fast = await Recorder.open(server_of.ws_url)
+    fence = await Recorder.open(server_of.ws_url)
     try:
         snapshot = await subscribe_unread(merged, "m", table=table, filter=in_view, snapshot=True, coalesce=True)
         await subscribe_unread(plain, "p", table=table, filter=in_view)
-        await fast.subscribe("f", table=table)
-
+        await fence.subscribe("f", table=table, filter=FENCE_ONLY)
+        start = await head(conn)
         await write_rounds(conn, table, HOT_ROWS, rounds=20)
         last = await head(conn)
-        await fast.wait_through(last, timeout=60)
-        written = len(fast.changes())
+        written = len(await committed_changes(conn, table, start))
+        await wait_read_through(conn, table, fence)
 
         plain.start()
         code, reason = await plain.wait_closed(timeout=60)
@@ -152,7 +162,7 @@ async def test_a_coalescing_subscriber_that_falls_behind_catches_up_to_the_exact
         expected = {row_id: row for row_id, row in (await table_rows(conn, table)).items() if row["k"] >= 0}
         assert apply_changes(snapshot, frames) == expected
     finally:
-        for recorder in (merged, plain, fast):
+        for recorder in (merged, plain, fence):
             await recorder.aclose()
 
 
@@ -161,12 +171,12 @@ async def test_more_rows_behind_than_the_bound_close_4008_and_resume_loses_nothi
 ) -> None:
     conn, table = hot_table
     merged = await Recorder.open(server_of.ws_url, max_queue=1, start=False)
-    fast = await Recorder.open(server_of.ws_url)
+    fence = await Recorder.open(server_of.ws_url)
     try:
         received = await subscribe_unread(merged, "m", table=table, snapshot=True, coalesce=True)
-        await fast.subscribe("f", table=table)
+        await fence.subscribe("f", table=table, filter=FENCE_ONLY)
         await write_rounds(conn, table, 2 * HOT_ROWS, rounds=10)  # 40 rows behind: over the bound of 25
-        await fast.wait_through(await head(conn), timeout=60)  # the server has read everything
+        await wait_read_through(conn, table, fence)
         merged.start()
         code, reason = await merged.wait_closed(timeout=60)
         assert code == 4008
@@ -183,4 +193,4 @@ async def test_more_rows_behind_than_the_bound_close_4008_and_resume_loses_nothi
             await resumed.aclose()
     finally:
         await merged.aclose()
-        await fast.aclose()
+        await fence.aclose()

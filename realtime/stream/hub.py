@@ -195,6 +195,7 @@ class Hub:
         self.no_connections.set()
         self._segmenter = Segmenter()
         self._holding: dict[Subscription, None] = {}  # subscriptions with a frame held back (transactions.py)
+        self._coalescing = 0  # subscriptions made with "coalesce": true
         # Set while no transaction is partly published. A subscription registered mid-transaction would receive
         # its second half only, and a replay up to `position` would end inside it: subscribing waits for this.
         self.settled = asyncio.Event()
@@ -223,11 +224,17 @@ class Hub:
         if table is None:
             table = self._tables[sub.table] = _TableSubscriptions()
         table.add(sub)
+        if sub.coalescer is not None:
+            self._coalescing += 1
 
     def remove(self, sub: Subscription) -> None:
         self._holding.pop(sub, None)
         table = self._tables.get(sub.table)
-        if table is not None and table.remove(sub) and table.count == 0:
+        if table is None or not table.remove(sub):
+            return
+        if sub.coalescer is not None:
+            self._coalescing -= 1
+        if table.count == 0:
             del self._tables[sub.table]
 
     def publish(self, changes: Sequence[Change], continuing: frozenset[str] = frozenset()) -> None:
@@ -257,18 +264,22 @@ class Hub:
         if table is None:
             return
         frames = ChangeFrames(change)
+        op = change.op
+        seq = change.seq
+        if not tx_end or self._holding or self._coalescing:
+            # Inside a transaction of several changes a frame may not be its subscriber's last of it, a held frame
+            # must go first, and a coalescing subscription's may have to wait, merged, for a slow socket: every
+            # frame goes through the lookbehind. A change that is a whole transaction on its own, with nothing
+            # held or coalescing (the usual case), takes the loop below, which does no more than that.
+            for sub in table.candidates(change):
+                if op in sub.events or op == "TRUNCATE":
+                    self._push(sub, frames, seq, segment, tx_end, flush)
+            return
         # The frames of subscriptions whose view is the whole table, by id: looked up here rather than through
         # `frames.frame()`, as this loop runs once per delivered frame and a call per frame was a fifth of it.
         whole: dict[str, bytes] = {}
-        op = change.op
-        seq = change.seq
         for sub in table.candidates(change):
             if op not in sub.events and op != "TRUNCATE":
-                continue
-            if not tx_end or sub.lookbehind.held is not None or sub.coalescer is not None:
-                # Inside a transaction of several changes: the frame may not be this subscriber's last of it.
-                # (And a coalescing subscription's frame may have to wait, merged, for a slow socket.)
-                self._push(sub, frames, seq, segment, tx_end, flush)
                 continue
             if sub.grant is None and not sub.filter.conditions:
                 frame = whole.get(sub.id)
