@@ -108,7 +108,6 @@ class Grant:
     """What one caller may do with one action on one table: the OR of its rules' branches."""
 
     branches: tuple[Branch, ...]
-    key_columns: tuple[str, ...]
 
     @property
     def restricts(self) -> bool:
@@ -142,9 +141,6 @@ class Grant:
         if len(self.branches) != 1:
             return None
         return self.branches[0].filter.index_condition
-
-    def key_of(self, row: Row) -> Row:
-        return {column: row.get(column) for column in self.key_columns}
 
     def where_sql(self, row: str, params: dict[str, Any]) -> str:
         """This grant's test as SQL over `row`, an expression of the row's JSON (jsonb) as the stream has it
@@ -229,7 +225,7 @@ class Policy:
             conditions = _bind(rule.where, identity, schema)
             if conditions is not None:
                 branches.append(Branch(RowFilter(conditions), rule.columns))
-        return Grant(tuple(branches), schema.primary_key)
+        return Grant(tuple(branches))
 
 
 def _bind(where: tuple[RuleCondition, ...], identity: Identity, schema: TableSchema) -> tuple[Condition, ...] | None:
