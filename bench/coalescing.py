@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -87,6 +88,7 @@ class Options:
     rounds: int
     catchup_timeout: float
     audit: int
+    server_env: dict[str, str]
     results: Path
 
 
@@ -257,7 +259,9 @@ class Tally:
     frames: int = 0  # change frames
     cuts: int = 0  # closed with 4008
     drops: int = 0  # closed any other way (an abort after a stuck send reaches the client as 1006)
+    closes: Counter[str] = field(default_factory=Counter)  # every close, by code and reason
     reason_mismatch: int = 0  # a 4008 whose last_seq is not the last seq this subscriber read
+    mismatches: list[str] = field(default_factory=list)  # the first few of them
     disorder: int = 0  # a change frame whose seq is not above the one before
     refused: int = 0  # `unavailable` answers to a subscribe (read slots busy), waited out and retried
     connect_failures: int = 0
@@ -347,9 +351,21 @@ async def _subscribe(ws: ClientConnection, tally: Tally, coalesce: bool, phase: 
         elif kind == "error" and frame.get("code") == "unavailable":
             tally.refused += 1
             await asyncio.sleep(frame.get("retry_after_ms", 1000) / 1000 * random.uniform(1.0, 1.5))
+            if resuming:
+                # A replay refused midway sent valid frames up to here: ask for what comes after them.
+                request["since"] = tally.last_seq
             await ws.send(orjson.dumps(request).decode())
         else:
             raise Refused(f"subscriber {tally.index}: unexpected answer to subscribe: {frame}")
+
+
+def _close_name(closed: ConnectionClosed) -> str:
+    """`4008 too slow`, `1011 keepalive ping timeout (sent)`, `1006`: who closed, how."""
+    if closed.rcvd is not None:
+        return f"{closed.rcvd.code} {closed.rcvd.reason.split(';')[0]}".strip()
+    if closed.sent is not None:
+        return f"{closed.sent.code} {closed.sent.reason} (sent)".strip()
+    return "1006 no close frame"
 
 
 async def follow(tally: Tally, server: RunningServer, coalesce: bool, phase: Phase, gate: asyncio.Semaphore) -> None:
@@ -363,6 +379,8 @@ async def follow(tally: Tally, server: RunningServer, coalesce: bool, phase: Pha
         gated = not tally.subscribed
         if gated:
             await gate.acquire()
+        elif tally.audit is not None:
+            tally.audit.append({"type": "resume", "since": tally.last_seq, "tx_end": tally.last_tx_end})
         try:
             sock = await _open_socket("127.0.0.1", server.port, phase.mss)
             async with connect(
@@ -392,11 +410,14 @@ async def follow(tally: Tally, server: RunningServer, coalesce: bool, phase: Pha
                     await _pace(phase, len(data))
         except ConnectionClosed as closed:
             received = closed.rcvd
+            tally.closes[_close_name(closed)] += 1
             if received is not None and received.code == 4008:
                 tally.cuts += 1
                 reported = received.reason.rsplit("last_seq=", 1)[-1]
                 if not reported.isdigit() or int(reported) != tally.last_seq:
                     tally.reason_mismatch += 1
+                    if len(tally.mismatches) < 3:
+                        tally.mismatches.append(f"last_seq={reported} after seq {tally.last_seq}")
             else:
                 tally.drops += 1
         except (OSError, InvalidHandshake, TimeoutError):
@@ -428,7 +449,9 @@ class ModeRun:
     cuts: int
     subscribers_cut: int
     drops: int
+    closes: dict[str, int]
     reason_mismatch: int
+    mismatches: list[str]
     disorder: int
     refused: int
     connect_failures: int
@@ -483,16 +506,29 @@ def audit(tally: Tally, log: list[Logged]) -> tuple[int, str | None]:
         return 1, f"subscriber {tally.index}: snapshot at seq {tally.snapshot_seq}: {_diff(tally.snapshot, truth)}"
     view = dict(tally.snapshot)
     points = 1
+    resumed = "before any resume"
+    first: str | None = None
+    wrong, last_wrong = 0, 0
     for frame in tally.audit:
+        if frame["type"] == "resume":
+            ended = "with" if frame["tx_end"] else "without"
+            resumed = f"after a resume with since={frame['since']} (that frame {ended} tx_end)"
+            continue
         apply(view, frame)
         if frame.get("tx_end"):
             points += 1
             advance(int(frame["seq"]))
             if view != truth:
-                return points, (
-                    f"subscriber {tally.index}: at tx_end seq {frame['seq']} (key {frame['key']}): {_diff(view, truth)}"
-                )
-    return points, None
+                wrong += 1
+                last_wrong = int(frame["seq"])
+                if first is None:
+                    first = f"at tx_end seq {frame['seq']} (key {frame['key']}) {resumed}: {_diff(view, truth)}"
+    if first is None:
+        return points, None
+    return points, (
+        f"subscriber {tally.index}: view differs from the table at {wrong} of {points} tx_end points, first {first},"
+        f" last at seq {last_wrong}"
+    )
 
 
 async def _until(tasks: list[asyncio.Task[None]], done: Callable[[], bool], timeout: float) -> None:
@@ -582,7 +618,9 @@ async def run_mode(
         cuts=sum(t.cuts for t in tallies),
         subscribers_cut=sum(1 for t in tallies if t.cuts),
         drops=sum(t.drops for t in tallies),
+        closes=dict(sum((t.closes for t in tallies), Counter[str]())),
         reason_mismatch=sum(t.reason_mismatch for t in tallies),
+        mismatches=[m for t in tallies for m in t.mismatches][:5],
         disorder=sum(t.disorder for t in tallies),
         refused=sum(t.refused for t in tallies),
         connect_failures=sum(t.connect_failures for t in tallies),
@@ -593,7 +631,7 @@ async def run_mode(
         audit_points=audit_points,
         audit_wrong=audit_wrong,
         wrong=[
-            f"subscriber {t.index} (last seq {t.last_seq}): {_diff(t.view, table)}" for t in tallies if t.view != table
+            f"subscriber {t.index} (last seq {t.last_seq}): {_diff(t.view, table)}" for t in caught if t.view != table
         ][:5],
     )
 
@@ -687,7 +725,10 @@ def summarize(options: Options, runs: list[ModeRun]) -> ScenarioResult:
             if r.disorder:
                 problems.append(f"{r.disorder} frames out of order")
             if r.reason_mismatch:
-                problems.append(f"{r.reason_mismatch} 4008 reasons whose last_seq is not the last seq read")
+                problems.append(
+                    f"{r.reason_mismatch} 4008 reasons whose last_seq is not the last seq read"
+                    f" (e.g. {'; '.join(r.mismatches)})"
+                )
             if r.caught_up == r.subscribers and r.last_tx_end != r.subscribers:
                 problems.append(f"{r.subscribers - r.last_tx_end} subscribers whose last frame lacks tx_end")
             problems.extend(r.audit_wrong)
@@ -731,6 +772,7 @@ def describe(run: ModeRun) -> str:
         f" frames/sub median {statistics.median(run.frames):,.0f}"
         f" ({statistics.median(run.read_while_writing):,.0f} while writing);"
         f" 4008 {run.cuts} ({run.subscribers_cut} subs), drops {run.drops}, refused {run.refused};"
+        f" closes {run.closes or '-'};"
         f" caught up {run.caught_up}/{run.subscribers}"
         f" (median/last {catch}); views equal {run.equal}/{run.subscribers};"
         f" audit {run.audit_points} points, {len(run.audit_wrong)} wrong;"
@@ -748,7 +790,7 @@ async def measure(options: Options) -> list[ModeRun]:
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         for round_number in range(options.rounds):
             order = (True, False) if round_number % 2 == 0 else (False, True)
-            async with running(SPEC, options.results / "logs") as server:
+            async with running(SPEC, options.results / "logs", env=dict(options.server_env)) as server:
                 for coalesce in order:
                     run = await run_mode(options, server, coalesce, round_number, pool)
                     print(describe(run), flush=True)
@@ -789,6 +831,13 @@ def parse_args(argv: list[str]) -> Options:
     parser.add_argument(
         "--audit", type=int, default=5, help="subscribers checked at every tx_end against the changelog (default 5)"
     )
+    parser.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the server (repeatable), e.g. WS_SEND_TIMEOUT_S=60; default: the server's defaults",
+    )
     parser.add_argument("--results", type=Path, default=BENCH_DIR / "results", help="where the JSON goes")
     args = parser.parse_args(argv)
     for name in ("rows", "payload", "subscribers", "writers", "rounds"):
@@ -797,6 +846,12 @@ def parse_args(argv: list[str]) -> Options:
     for name in ("read_bytes_per_s", "rate", "seconds", "catchup_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive")
+    server_env: dict[str, str] = {}
+    for item in args.server_env:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            parser.error(f"--server-env takes NAME=VALUE, not {item!r}")
+        server_env[name] = value
     if args.audit < 0:
         parser.error("--audit must be at least 0")
     if args.mss and not 88 <= args.mss <= 32767:  # Linux's bounds for TCP_MAXSEG
@@ -813,6 +868,7 @@ def parse_args(argv: list[str]) -> Options:
         rounds=args.rounds,
         catchup_timeout=args.catchup_timeout,
         audit=min(args.audit, args.subscribers),
+        server_env=server_env,
         results=args.results,
     )
 
