@@ -15,11 +15,14 @@ every frame:
     removed    added      modified, the newest row, the removed `old`
     any        reset      reset alone: a TRUNCATE empties the view, and what was pending for it is moot
 
-A merged frame takes the position, `op`, `ts` and `tx` of its newest change. Frames leave in the order of their
-newest change, so `seq` still increases. When the connection catches up, the pending frames are written as the
-socket takes them; the last of them carries `tx_end`, and none before it does: the view is whole (at the newest
-pending position) only once all of them are applied. Memory is bounded by the number of distinct keys pending,
-`WS_COALESCE_MAX_KEYS`; past it the connection is closed with 4008 as without the option.
+A merged frame takes the position, `op`, `ts` and `tx` of its newest change and says `"coalesced": true`. Frames
+leave in the order of their newest change, so `seq` still increases. When the connection catches up, the pending
+frames are written as the socket takes them; the last of them carries `tx_end`, and none before it does: the view
+is whole (at the newest pending position) only once all of them are applied. For the same reason a merged frame
+without `tx_end` is no position to resume from: a frame sent before it may stand for a change older than it, still
+pending under another key. A client resumes from the last frame that is not merged or carries `tx_end`.
+Memory is bounded by the number of distinct keys pending, `WS_COALESCE_MAX_KEYS`; past it the connection is
+closed with 4008 as without the option.
 """
 
 from __future__ import annotations
@@ -109,7 +112,7 @@ class Coalescer:
         carries `tx_end`: the view is whole only once every pending frame is applied)."""
         item = next(iter(self._pending.values()))
         last = len(self._pending) == 1
-        body = compose_body(item.seq, self._table, item.op, item.parts, item.ts)
+        body = compose_body(item.seq, self._table, item.op, item.parts, item.ts) + ',"coalesced":true'
         return change_frame(self._sub_id, body, transaction_tail(item.tx, last)), item.seq, last
 
     def pop(self) -> None:

@@ -98,17 +98,30 @@ class Subscription:
             self.write_coalesced()
 
     def write_coalesced(self) -> None:
-        """Write the merged backlog, oldest first, as far as the connection's queue takes it."""
+        """Write the merged backlog, oldest first, a burst at a time: a burst goes out at once, and the next one
+        when the connection has written it. A slow link then holds little more than its transport's buffer, and
+        a send is never stuck for long (the send timeout cuts a reader that takes nothing, not a slow one)."""
         coalescer, outbox = self.coalescer, self.outbox
         assert coalescer is not None
+        written = 0
         while coalescer and not outbox.closed:
             text, seq, last = coalescer.peek()
             frame = encode_text_frame(text)
             if not outbox.has_room(len(frame)):
-                outbox.when_room(self.write_coalesced)
+                outbox.when_room(self.write_coalesced)  # the connection signals once it has written its queue
                 return
             coalescer.pop()
             self.position = seq
+            written += len(frame)
+            if written >= COALESCED_BURST_BYTES and coalescer:
+                outbox.offer(frame, seq, flush=True)
+                # The next burst once this one is written: soon if it went out now, else when the writer waiting
+                # for the socket has sent it.
+                if outbox.behind:
+                    outbox.when_room(self.write_coalesced)
+                else:
+                    asyncio.get_running_loop().call_soon(self.write_coalesced)
+                return
             outbox.offer(frame, seq, flush=last)
 
     def go_live(self, position: int) -> None:
@@ -121,6 +134,9 @@ class Subscription:
 
 
 _ABSENT = object()
+# How much of a merged backlog is written at once (coalescing.py): about what a transport buffers before it
+# pushes back, so a slow link drains each burst in moments.
+COALESCED_BURST_BYTES = 16 * 1024
 
 
 class _TableSubscriptions:
