@@ -171,6 +171,10 @@ def _allowed_methods(request: Request) -> set[str]:
     """
     methods: set[str] = set()
     paths: dict[str, dict[str, Any]] = request.app.openapi().get("paths", {})
+    concrete = paths.get(request.url.path)
+    if concrete is not None:
+        # As OpenAPI matches: a concrete path before templated ones (`/sse/tickets` is not `/sse/{table}`).
+        return {method.upper() for method in concrete if method in _HTTP_METHODS}
     for template, operations in paths.items():
         if _path_regex(template).fullmatch(request.url.path):
             methods.update(method.upper() for method in operations if method in _HTTP_METHODS)

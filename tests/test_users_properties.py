@@ -90,7 +90,10 @@ def test_list_of_an_empty_table_is_an_empty_last_page(own_server: ServerProcess)
     assert response.json() == {"items": [], "next_after": None}
 
 
-schema = schemathesis.pytest.from_fixture("api_schema")
+# The event stream is left out: its parameters constrain one another (`since` or `snapshot`), which OpenAPI cannot
+# say, and a request the schema calls valid starts a stream that never ends. tests/test_sse.py checks each of its
+# refusals and their codes.
+schema = schemathesis.pytest.from_fixture("api_schema").exclude(path="/sse/{table}", method="GET")
 
 
 @pytest.fixture(autouse=True)

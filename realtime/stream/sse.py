@@ -96,6 +96,11 @@ async def issue_ticket(identity: IdentityDep, request: Request) -> TicketOut:
     return TicketOut(ticket=ticket, expires_in=tickets.ttl_s)
 
 
+_EVENTS = r"^(INSERT|UPDATE|DELETE)(,(INSERT|UPDATE|DELETE))*$"
+_FILTER = r"^[^=]+=(eq|neq|lt|lte|gt|gte|in|is):.*$"
+_SEQ = r"^[0-9]{1,18}$"
+
+
 @router.get(
     "/{table}",
     response_class=Response,
@@ -107,10 +112,22 @@ async def issue_ticket(identity: IdentityDep, request: Request) -> TicketOut:
 async def stream_events(
     table: str,
     request: Request,
-    events: Annotated[str | None, Query(description="Comma list of INSERT, UPDATE, DELETE.")] = None,
-    filter: Annotated[list[str] | None, Query(description="`column=op:value`, repeatable.")] = None,
-    since: Annotated[str | None, Query(description="Replay the changes after this position.")] = None,
-    snapshot: Annotated[str | None, Query(description="`true`: the matching rows first.")] = None,
+    # The shapes below are documented (json_schema_extra), not enforced by FastAPI: the handler reads each
+    # parameter itself, so that a malformed one gets its WebSocket error code rather than a generic 422.
+    events: Annotated[
+        str | None,
+        Query(description="Comma list of INSERT, UPDATE, DELETE.", json_schema_extra={"pattern": _EVENTS}),
+    ] = None,
+    filter: Annotated[
+        list[str] | None,
+        Query(description="`column=op:value`, repeatable.", json_schema_extra={"items": {"pattern": _FILTER}}),
+    ] = None,
+    since: Annotated[
+        str | None, Query(description="Replay the changes after this position.", json_schema_extra={"pattern": _SEQ})
+    ] = None,
+    snapshot: Annotated[
+        str | None, Query(description="`true`: the matching rows first.", json_schema_extra={"enum": ["true", "false"]})
+    ] = None,
     ticket: Annotated[str | None, Query(description="From POST /sse/tickets, in place of a header.")] = None,
     last_event_id: Annotated[str | None, Header(description="Resume after this position; wins over since.")] = None,
 ) -> Response:
