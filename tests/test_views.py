@@ -4,6 +4,7 @@ subscription's query at the last position, whatever the filter and the writes.""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from typing import Any
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from realtime.auth.policy import condition_sql
+from realtime.dsn import Dsn
 from realtime.stream.filters import compile_condition
 from tests.support.tables import create_streamed_table, head, transaction_groups
 from tests.support.ws import Frame, StreamClient
@@ -201,3 +203,67 @@ async def run_transaction(
         ids.clear()
         after.append({})
     return after
+
+
+# Two writers at once, each on rows of its own (no TRUNCATE: it would wait for the other's open transaction).
+concurrent_writes = st.lists(
+    st.lists(st.one_of(insert, update, update, delete), min_size=1, max_size=6), min_size=1, max_size=4
+)
+
+
+async def write_own_rows(conn: asyncpg.Connection, table: str, transactions: list[list[Any]]) -> None:
+    ids: list[int] = []
+    for statements in transactions:
+        async with conn.transaction():
+            for write in statements:
+                if write[0] == "insert":
+                    sql = f"INSERT INTO {table} (k, v, flag) VALUES ($1, $2, $3) RETURNING id"
+                    ids.append(await conn.fetchval(sql, *write[1:]))
+                elif write[0] == "update" and ids:
+                    sql = f"UPDATE {table} SET k = $2, v = $3 WHERE id = $1"
+                    await conn.execute(sql, ids[write[1] % len(ids)], *write[2:])
+                elif write[0] == "delete" and ids:
+                    await conn.execute(f"DELETE FROM {table} WHERE id = $1", ids.pop(write[1] % len(ids)))
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(filter_=st.lists(conditions, min_size=0, max_size=2), first=concurrent_writes, second=concurrent_writes)
+async def test_concurrent_transactions_arrive_whole_and_the_view_equals_the_query(
+    client: StreamClient,
+    db: asyncpg.Connection,
+    database_url: Dsn,
+    filter_: list[tuple[Any, ...]],
+    first: list[list[Any]],
+    second: list[list[Any]],
+) -> None:
+    """Transactions of two writers committing at the same time: whatever their positions, no transaction's frames
+    are split by a `tx_end`, and the snapshot plus the frames equal the query at the end."""
+    table = await create_streamed_table(db, "both")
+    wire = [wire_condition(*c) for c in filter_]
+    sub_id, everything = secrets.token_hex(4), secrets.token_hex(4)
+    _, snapshot = await client.subscribe(sub_id, table=table, snapshot=True, filter=wire)
+    await client.subscribe(everything, table=table)
+    other = await asyncpg.connect(database_url.asyncpg())
+    try:
+        await asyncio.gather(write_own_rows(db, table, first), write_own_rows(other, table, second))
+        last = await head(db)
+        await db.execute(f"INSERT INTO {table} (k, v) VALUES (9, 'fence')")
+        collected = await collect(client, everything, last)
+        frames = [f for f in collected.get(sub_id, []) if f["seq"] <= last]
+        rows = {row["id"]: row for frame in snapshot for row in frame["rows"]}
+        await db.execute(f"DELETE FROM {table} WHERE v = 'fence'")
+        assert apply(rows, frames) == await query(db, table, wire), (wire, first, second)
+        for frames_of_one in (frames, [f for f in collected[everything] if f["seq"] <= last]):
+            group_of: dict[str, int] = {}
+            for index, group in enumerate(transaction_groups(frames_of_one)):
+                for frame in group:
+                    assert group_of.setdefault(frame["tx"], index) == index, (wire, first, second)
+    finally:
+        await other.close()
+        await client.request({"type": "unsubscribe", "id": sub_id})
+        await client.request({"type": "unsubscribe", "id": everything})
