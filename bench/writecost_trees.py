@@ -69,7 +69,13 @@ def measure(
     )
     try:
         wait_healthy(f"http://127.0.0.1:{port}", server, 120)
-        figures = {f"@{count}": asyncio.run(pgbench(DATABASE, count, seconds, script))["tps"] for count in clients}
+        figures: dict[str, float] = {}
+        for count in clients:
+            before = cpu_seconds([server.pid])
+            tps = asyncio.run(pgbench(DATABASE, count, seconds, script))["tps"]
+            figures[f"@{count}"] = tps
+            # What the attached server spends reading the changes: it shares the machine with the writers.
+            figures[f"server µs/tx @{count}"] = (cpu_seconds([server.pid]) - before) / (tps * seconds) * 1e6
         if cpu_count:
             figures["cpu"] = asyncio.run(backend_cpu_per_update(url, rows, cpu_count))
         return figures

@@ -256,6 +256,16 @@ class Hub:
     def publish(self, changes: Sequence[Change], continuing: frozenset[str] = frozenset()) -> None:
         """Fan out one read of the changelog, in `seq` order; `continuing`: its transactions that have changes
         after it (a transaction larger than one read), whose subscribers' last frames wait for the next read."""
+        if not self._tables:
+            # Nobody to send to (a process between clients, or one that only serves REST): no frame is held, so
+            # only whether a transaction stays open matters.
+            self._segmenter.skip(bool(continuing))
+            self.position = changes[-1].seq
+            if continuing:
+                self.settled.clear()
+            else:
+                self.settled.set()
+            return
         marks = self._segmenter.mark(changes, continuing)
         segments, ends = marks.segments, marks.ends
         # A batch's last change is written to each socket as soon as it is matched, together with the batch's

@@ -46,6 +46,13 @@ class Segmenter:
         """A segment of the previous read continues: a transaction is only partly read."""
         return self._open
 
+    def skip(self, open_after: bool) -> None:
+        """A read nobody receives: no frame waits on its segments, so they need no ids of their own. The next
+        read starts a segment of its own (or continues this read's open one, under the same id)."""
+        if self._open and not open_after:
+            self._next += 1
+        self._open = open_after
+
     def mark(self, changes: Sequence[Change], continuing: frozenset[str] = frozenset()) -> Marks:
         """`changes` in position order; `continuing`: transactions that have changes after these."""
         last: dict[str, int] = {}
