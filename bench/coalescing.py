@@ -255,6 +255,10 @@ class Tally:
     snapshot_seq: int = 0
     last_seq: int = 0
     last_tx_end: bool = False
+    # Where a resume starts: the last frame that is not merged, or ends a merged backlog (docs/protocol.md,
+    # "Resuming a coalescing subscription"); merged frames after it wait in `held` and are applied at its tx_end.
+    resume_seq: int = 0
+    held: list[Row] = field(default_factory=list)
     bytes: int = 0  # every frame after the first `subscribed`: changes, replays, replies
     frames: int = 0  # change frames
     cuts: int = 0  # closed with 4008
@@ -288,7 +292,14 @@ def take_change(tally: Tally, frame: Row) -> None:
     tally.last_seq = seq
     tally.last_tx_end = bool(frame.get("tx_end"))
     tally.frames += 1
-    apply(tally.view, frame)
+    if frame.get("coalesced") and not frame.get("tx_end"):
+        tally.held.append(frame)
+    else:
+        for held in tally.held:
+            apply(tally.view, held)
+        tally.held.clear()
+        apply(tally.view, frame)
+        tally.resume_seq = seq
     if tally.audit is not None:
         tally.audit.append(frame)
 
@@ -322,7 +333,9 @@ async def _subscribe(ws: ClientConnection, tally: Tally, coalesce: bool, phase: 
     resuming = tally.subscribed
     request: Row = {"type": "subscribe", "ref": 1, "id": "s", "table": TABLE}
     if resuming:
-        request["since"] = tally.last_seq
+        request["since"] = tally.resume_seq
+        tally.held.clear()  # merged frames past the resume point: the replay sends what they stood for
+        tally.last_seq = tally.resume_seq
     else:
         request["snapshot"] = True
     if coalesce:
@@ -345,7 +358,7 @@ async def _subscribe(ws: ClientConnection, tally: Tally, coalesce: bool, phase: 
             if not resuming:
                 tally.snapshot = snapshot
                 tally.view = dict(snapshot)
-                tally.last_seq = int(frame["seq"])
+                tally.last_seq = tally.resume_seq = int(frame["seq"])
                 tally.subscribed = True
             return
         elif kind == "error" and frame.get("code") == "unavailable":
@@ -353,7 +366,7 @@ async def _subscribe(ws: ClientConnection, tally: Tally, coalesce: bool, phase: 
             await asyncio.sleep(frame.get("retry_after_ms", 1000) / 1000 * random.uniform(1.0, 1.5))
             if resuming:
                 # A replay refused midway sent valid frames up to here: ask for what comes after them.
-                request["since"] = tally.last_seq
+                request["since"] = tally.resume_seq
             await ws.send(orjson.dumps(request).decode())
         else:
             raise Refused(f"subscriber {tally.index}: unexpected answer to subscribe: {frame}")
@@ -373,14 +386,14 @@ async def follow(tally: Tally, server: RunningServer, coalesce: bool, phase: Pha
     every close with `since` as a client of the protocol does."""
     backoff = 0.1
     while True:
-        if phase.target is not None and tally.last_seq >= phase.target:
+        if phase.target is not None and tally.resume_seq >= phase.target:
             tally.caught_up_at = time.monotonic()
             return
         gated = not tally.subscribed
         if gated:
             await gate.acquire()
         elif tally.audit is not None:
-            tally.audit.append({"type": "resume", "since": tally.last_seq, "tx_end": tally.last_tx_end})
+            tally.audit.append({"type": "resume", "since": tally.resume_seq, "tx_end": tally.last_tx_end})
         try:
             sock = await _open_socket("127.0.0.1", server.port, phase.mss)
             async with connect(
@@ -399,7 +412,7 @@ async def follow(tally: Tally, server: RunningServer, coalesce: bool, phase: Pha
                     gated = False
                 backoff = 0.1
                 while True:
-                    if phase.target is not None and tally.last_seq >= phase.target:
+                    if phase.target is not None and tally.resume_seq >= phase.target:
                         tally.caught_up_at = time.monotonic()
                         return
                     data = await ws.recv(decode=False)
@@ -509,11 +522,19 @@ def audit(tally: Tally, log: list[Logged]) -> tuple[int, str | None]:
     resumed = "before any resume"
     first: str | None = None
     wrong, last_wrong = 0, 0
+    held: list[Row] = []
     for frame in tally.audit:
         if frame["type"] == "resume":
             ended = "with" if frame["tx_end"] else "without"
             resumed = f"after a resume with since={frame['since']} (that frame {ended} tx_end)"
+            held.clear()
             continue
+        if frame.get("coalesced") and not frame.get("tx_end"):
+            held.append(frame)
+            continue
+        for earlier in held:
+            apply(view, earlier)
+        held.clear()
         apply(view, frame)
         if frame.get("tx_end"):
             points += 1
