@@ -8,14 +8,18 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import orjson
 import pytest
 
 from realtime.dsn import Dsn
+from realtime.stream.changes import TableKey
 from realtime.stream.coalescing import Coalescer, Pending, merge
+from realtime.stream.filters import RowFilter
+from realtime.stream.hub import Hub, Subscription
+from realtime.stream.outbox import Outbox
 from realtime.stream.views import Parts
 from tests.support.faults import Recorder
 from tests.support.server import ServerProcess, running_server
@@ -68,6 +72,26 @@ def test_frames_leave_in_the_order_of_their_newest_change_and_only_the_last_ends
     assert not coalescer.add(pending(6, "added", '"e"', key='{"id":5}'))  # a third key is over the bound
     assert coalescer.add(pending(7, "reset", key=""))  # a reset replaces everything pending
     assert len(coalescer) == 1
+
+
+def test_an_unsubscribed_coalescing_subscription_has_nothing_left_to_send() -> None:
+    """A write of the backlog may already be scheduled when the subscription goes: it must find nothing."""
+    hub = Hub()
+    coalescer = Coalescer("s", "t", max_keys=10)
+    sub = Subscription(
+        id="s",
+        table=TableKey("public", "t"),
+        events=frozenset({"UPDATE"}),
+        filter=RowFilter(()),
+        outbox=cast(Outbox, None),
+        max_pending=10,
+        max_pending_bytes=1000,
+        coalescer=coalescer,
+    )
+    hub.add(sub)
+    assert coalescer.add(pending(1, "modified", '"a1"', '"a0"'))
+    hub.remove(sub)
+    assert not coalescer
 
 
 # --- over a real server ------------------------------------------------------------------------------------------

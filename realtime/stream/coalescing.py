@@ -115,6 +115,9 @@ class Coalescer:
         body = compose_body(item.seq, self._table, item.op, item.parts, item.ts) + ',"coalesced":true'
         return change_frame(self._sub_id, body, transaction_tail(item.tx, last)), item.seq, last
 
+    def clear(self) -> None:
+        self._pending.clear()
+
     def pop(self) -> None:
         """Drop the oldest pending frame (it was written)."""
         del self._pending[next(iter(self._pending))]

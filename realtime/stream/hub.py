@@ -250,6 +250,7 @@ class Hub:
             return
         if sub.coalescer is not None:
             self._coalescing -= 1
+            sub.coalescer.clear()  # a write already scheduled must find nothing to send after the unsubscribe
         if table.count == 0:
             del self._tables[sub.table]
 
