@@ -79,7 +79,8 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"   ({time.monotonic() - started:.0f}s, {path})", flush=True)
     for server, why in ctx.unavailable.items():
         print(f"skipped {server}: {why.splitlines()[0]}")
-    return 1 if failed else 0
+    # A contender asked for that could not run is a failed run too: its figures are missing.
+    return 1 if failed or ctx.unavailable else 0
 
 
 def run_fast(main: Coroutine[Any, Any, T]) -> T:

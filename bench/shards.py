@@ -65,15 +65,17 @@ LOADGEN_BINARY = Path(__file__).with_name("build") / "loadgen"
 
 
 def build_loadgen() -> Path:
-    """Compile the shard program unless an up-to-date build exists (`CC`, default cc)."""
+    """Compile the shard program unless an up-to-date build exists (`CC`, default cc; LOADGEN_WERROR=1 makes a
+    warning an error, as CI's bench smoke does)."""
     if LOADGEN_BINARY.exists() and LOADGEN_BINARY.stat().st_mtime >= LOADGEN_SOURCE.stat().st_mtime:
         return LOADGEN_BINARY
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"the load generator needs a C compiler: {compiler} is not on PATH (set CC)")
     LOADGEN_BINARY.parent.mkdir(exist_ok=True)
+    strict = ["-Werror"] if os.environ.get("LOADGEN_WERROR") == "1" else []
     subprocess.run(
-        [compiler, "-O2", "-Wall", "-Wextra", "-o", str(LOADGEN_BINARY), str(LOADGEN_SOURCE)],
+        [compiler, "-O2", "-Wall", "-Wextra", *strict, "-o", str(LOADGEN_BINARY), str(LOADGEN_SOURCE)],
         check=True,
     )
     return LOADGEN_BINARY
