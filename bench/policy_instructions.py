@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import re
 import secrets
@@ -128,33 +129,22 @@ async def one_round(round_index: int, args: argparse.Namespace, secret: str, wor
             ) as pool:
                 opened = await pool.open(n)
                 require_open(REALTIME, n, opened)
-                await measure(
+                window = functools.partial(
+                    measure,
                     REALTIME,
                     server.pid,
                     pool,
                     opened,
                     writers,
                     rate=args.rate,
-                    seconds=args.warmup,
                     ids=ids,
                     mode="updates",
                     per_key=True,
                     rows_per_commit=sizes.policy_rows_per_commit,
                 )
+                await window(seconds=args.warmup)
                 await asyncio.to_thread(_control, "-i", "on", str(server.pid))
-                run = await measure(
-                    REALTIME,
-                    server.pid,
-                    pool,
-                    opened,
-                    writers,
-                    rate=args.rate,
-                    seconds=args.seconds,
-                    ids=ids,
-                    mode="updates",
-                    per_key=True,
-                    rows_per_commit=sizes.policy_rows_per_commit,
-                )
+                run = await window(seconds=args.seconds)
                 await asyncio.to_thread(_control, "-i", "off", str(server.pid))
                 await asyncio.to_thread(_control, "-d", str(server.pid))
                 frames = run.window.deliveries

@@ -526,27 +526,5 @@ def _retry_after(header: str | None) -> float | None:
         return None
 
 
-def connect(
-    url: str,
-    *,
-    token: TokenSource | None = None,
-    buffer: int = 1000,
-    backoff_initial: float = 0.5,
-    backoff_max: float = 15.0,
-    ping_interval: float = 15.0,
-    ping_timeout: float = 10.0,
-    connect_timeout: float = 10.0,
-    on_disconnect: Callable[[Disconnect], None] | None = None,
-) -> Client:
-    """A `Client` for `url`, to use as `async with connect(url, token=...) as client:` (options: see `Client`)."""
-    return Client(
-        url,
-        token=token,
-        buffer=buffer,
-        backoff_initial=backoff_initial,
-        backoff_max=backoff_max,
-        ping_interval=ping_interval,
-        ping_timeout=ping_timeout,
-        connect_timeout=connect_timeout,
-        on_disconnect=on_disconnect,
-    )
+# `async with connect(url, token=...) as client:` reads as what it does; the options are `Client`'s.
+connect = Client
