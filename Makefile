@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: run test test-pg15 lint format bench install browser clean
+.PHONY: run test test-pg15 lint format bench install system-packages clean
 
 # Debian splits venv support into python3-venv; install it when we can rather than fail on a fresh machine.
 $(BIN)/python:
@@ -25,14 +25,19 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/realtime serve
 
-## The browser tests drive Debian's Chromium; install it once if it is missing.
-browser:
-	@command -v chromium >/dev/null 2>&1 || { \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
-		else sudo apt-get update -qq && sudo apt-get install -y -qq chromium >/dev/null; fi; }
+## Debian packages the tests drive: Chromium (the browser tests) and HAProxy (the load-balancer test). Each is
+## installed once, when its program is missing; one apt-get run installs whatever is.
+SYSTEM_PACKAGES := chromium:/usr/bin/chromium haproxy:/usr/sbin/haproxy
+system-packages:
+	@missing=$$(for entry in $(SYSTEM_PACKAGES); do [ -x "$${entry#*:}" ] || printf '%s ' "$${entry%%:*}"; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=; else sudo=sudo; fi; \
+		echo "installing $$missing(apt-get)"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 ## The whole test suite (embedded PostgreSQL 18; set REALTIME_TEST_ADMIN_URL to use another server).
-test: $(STAMP) browser
+test: $(STAMP) system-packages
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## The same suite against the system PostgreSQL on 127.0.0.1:5432.

@@ -54,7 +54,7 @@ _A_NUMBER = re.compile(r"^\d+$")
 async def launch(playwright: Playwright) -> Browser:
     """Start the system Chromium, headless; fail with a hint when it is missing."""
     if shutil.which(CHROMIUM) is None:
-        raise RuntimeError(f"{CHROMIUM} not found; `make browser` (apt-get install chromium) installs it")
+        raise RuntimeError(f"{CHROMIUM} not found; `make system-packages` (apt-get install chromium) installs it")
     return await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
