@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from realtime import __version__, health, resources, supervision
+from realtime import __version__, health, metrics_endpoint, resources, supervision
 from realtime.auth import dev_tokens
 from realtime.auth.dependencies import authenticate, declare_bearer_auth
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, load_policy, read_schemas
@@ -34,8 +34,10 @@ from realtime.db import autocommit, create_engine
 from realtime.dsn import Dsn
 from realtime.errors import install_error_handlers
 from realtime.limits import BodySizeLimit
+from realtime.metrics import Metrics
 from realtime.origins import DemoPagePolicy, Guard, HttpGuard
 from realtime.request_id import RequestId
+from realtime.request_metrics import RequestMetrics
 from realtime.stream import sse
 from realtime.stream.endpoint import stream
 from realtime.stream.pipeline import StreamPipeline
@@ -56,6 +58,7 @@ class State(TypedDict):
     auth: TokenVerifier | None
     # The single-use tickets that open an SSE stream from a browser (realtime/auth/tickets.py).
     tickets: Tickets
+    metrics: Metrics
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -68,13 +71,14 @@ def create_app(settings: Settings) -> FastAPI:
     policy_file = load_policy(settings.auth_policy_file) if settings.auth_policy_file is not None else None
     if policy_file is not None and verifier is None:
         raise ValueError(POLICY_NEEDS_TOKENS)
+    metrics = Metrics() if settings.metrics_enabled else Metrics.off()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[State]:
         engine = create_engine(settings, url)
         _log.info("serving with database %s", url.redacted())
         try:
-            stream = StreamPipeline(settings, url, engine, guard)
+            stream = StreamPipeline(settings, url, engine, guard, metrics)
             if policy_file is not None:
                 async with stream.connection() as conn:
                     stream.policy = policy_file.bind(await read_schemas(conn, policy_file.tables))
@@ -88,6 +92,7 @@ def create_app(settings: Settings) -> FastAPI:
                     stream=stream,
                     auth=verifier,
                     tickets=Tickets(stream.connection, settings.sse_ticket_ttl_s),
+                    metrics=metrics,
                 )
             finally:
                 await stream.stop()
@@ -97,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = RealtimeApp(
         guard,
+        metrics,
         title="realtime",
         version=__version__,
         summary="REST CRUD for users and live change streams over WebSocket (/ws).",
@@ -107,6 +113,8 @@ def create_app(settings: Settings) -> FastAPI:
         declare_bearer_auth(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    if metrics.enabled:
+        app.include_router(metrics_endpoint.router)
     # The bearer-token dependency only when there is a key to verify with: even doing nothing, a dependency costs
     # FastAPI's resolution on every request (about 4% of a GET's server CPU).
     app.include_router(users_router, dependencies=[Depends(authenticate)] if verifier is not None else None)
@@ -141,13 +149,16 @@ class RealtimeApp(FastAPI):
     carries the security headers too; `/ws` applies the same `Guard` itself (see `stream`).
     """
 
-    def __init__(self, guard: Guard, **kwargs: Any) -> None:
+    def __init__(self, guard: Guard, metrics: Metrics, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.guard = guard
+        self.metrics = metrics
 
     def build_middleware_stack(self) -> ASGIApp:
-        # The request id outside everything, so that a refused Host's answer and its log lines carry it too.
-        return RequestId(HttpGuard(super().build_middleware_stack(), self.guard))
+        # The request id outside everything, so that a refused Host's answer and its log lines carry it too; the
+        # request metrics outside that, so that they count those answers.
+        stack = RequestId(HttpGuard(super().build_middleware_stack(), self.guard))
+        return RequestMetrics(stack, self.metrics) if self.metrics.enabled else stack
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + STREAM_PATH:

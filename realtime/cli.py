@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from realtime import migrate, supervision
+from realtime import metrics_directory, migrate, supervision
 from realtime.auth.policy import POLICY_NEEDS_TOKENS, Policy, PolicyError, describe, load_bound_policy, load_policy
 from realtime.auth.tokens import TokenVerifier, issue_token
 from realtime.config import Settings, get_settings
@@ -59,8 +59,6 @@ def database(settings: Settings) -> Iterator[Dsn]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     overrides = {
         key: value
         for key, value in {
@@ -96,31 +94,38 @@ def _serve(args: argparse.Namespace) -> int:
         # With one worker the app runs in this very process: if a task of its pipeline dies, the exit status is
         # returned from here, after the `finally` blocks (an embedded PostgreSQL is stopped), not set by the app.
         supervision.caller_takes_exit_status()
-        uvicorn.run(
-            "realtime.app:create_app_from_env",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level,
-            # Applied again by every worker process uvicorn spawns: one format for its lines and the service's.
-            log_config=logging_config(settings.log_level, settings.log_format),
-            # uvicorn's httptools protocol with bounds on request heads (size, header count, time to arrive).
-            http="realtime.http_protocol:BoundedHttpToolsProtocol",
-            # uvicorn's sans-I/O protocol lets the stream write pre-encoded frames straight to the transport
-            # (wire.py); this subclass of it holds less per open connection (ws_protocol.py).
-            ws="realtime.stream.ws_protocol:LeanWebSocketsSansIOProtocol",
-            ws_per_message_deflate=settings.ws_compression,
-            ws_ping_interval=settings.ws_ping_interval_s,
-            ws_ping_timeout=settings.ws_ping_timeout_s,
-            # Oversized frames are answered with an error frame by the app; only absurd ones are cut here.
-            ws_max_size=max(16 * settings.ws_max_frame_bytes, 1 << 20),
-            timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
-            # Passed even when empty: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 by default.
-            proxy_headers=bool(settings.forwarded_allow_ips),
-            forwarded_allow_ips=settings.forwarded_allow_ips,
-        )
+        with metrics_directory.prepared(settings):
+            _run_uvicorn(settings)
     return _served()
+
+
+def _run_uvicorn(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        "realtime.app:create_app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        # Applied again by every worker process uvicorn spawns: one format for its lines and the service's.
+        log_config=logging_config(settings.log_level, settings.log_format),
+        # uvicorn's httptools protocol with bounds on request heads (size, header count, time to arrive).
+        http="realtime.http_protocol:BoundedHttpToolsProtocol",
+        # uvicorn's sans-I/O protocol lets the stream write pre-encoded frames straight to the transport
+        # (wire.py); this subclass of it holds less per open connection (ws_protocol.py).
+        ws="realtime.stream.ws_protocol:LeanWebSocketsSansIOProtocol",
+        ws_per_message_deflate=settings.ws_compression,
+        ws_ping_interval=settings.ws_ping_interval_s,
+        ws_ping_timeout=settings.ws_ping_timeout_s,
+        # Oversized frames are answered with an error frame by the app; only absurd ones are cut here.
+        ws_max_size=max(16 * settings.ws_max_frame_bytes, 1 << 20),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 1,
+        # Passed even when empty: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 by default.
+        proxy_headers=bool(settings.forwarded_allow_ips),
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
 
 
 def _served() -> int:

@@ -227,12 +227,23 @@ class Settings(BaseSettings):
     auth_operator_roles: str = Field(
         default="operator",
         description="Roles (comma-separated) whose bearer token sees the details of /readyz when HEALTH_DETAILS is"
-        " `auto`. Empty: no role does.",
+        " `auto`, and reads /metrics when a token key is set. Empty: no role does.",
     )
     health_details: Literal["auto", "public"] = Field(
         default="auto",
         description="Who sees what /readyz found (positions, counts, errors) besides ready or not: `auto`, everybody"
         " on an open server and tokens of an AUTH_OPERATOR_ROLES role when a token key is set; `public`, everybody.",
+    )
+    metrics_enabled: bool = Field(default=True, description="Serve Prometheus metrics at /metrics.")
+    metrics_token: str | None = Field(
+        default=None,
+        description="Bearer credential a scraper sends to read /metrics (besides operator tokens). Unset: /metrics"
+        " is open on an open server and needs an AUTH_OPERATOR_ROLES token when a token key is set.",
+    )
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None,
+        description="Where the workers of `serve` write metrics for /metrics to add up (emptied at start and exit);"
+        " unset: a private temporary directory. prometheus-client's own variable, which `serve` sets for workers.",
     )
 
     @field_validator("database_url", mode="before")
@@ -253,12 +264,19 @@ class Settings(BaseSettings):
             raise ValueError("LISTENER_BACKOFF_MAX_S must be >= LISTENER_BACKOFF_INITIAL_S")
         return self
 
-    @field_validator("auth_jwt_secret", "auth_jwks_url", "auth_audience", "auth_issuer", mode="before")
+    @field_validator("auth_jwt_secret", "auth_jwks_url", "auth_audience", "auth_issuer", "metrics_token", mode="before")
     @classmethod
     def _blank_auth_is_unset(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("auth_public_key_file", mode="before")
+    @field_validator("metrics_token")
+    @classmethod
+    def _metrics_token_is_long_enough(cls, value: str | None) -> str | None:
+        if value is not None and (len(value) < 16 or not value.isascii() or not value.isprintable()):
+            raise ValueError("must be at least 16 printable ASCII characters, e.g. `openssl rand -hex 16`")
+        return value
+
+    @field_validator("auth_public_key_file", "prometheus_multiproc_dir", mode="before")
     @classmethod
     def _blank_key_file_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -123,6 +123,14 @@ class DatabaseTimeout(TimeoutError):
     """The database did not answer within the deadline of the work that needed it."""
 
 
+_waiting = 0  # tasks of this process waiting for a pool connection now (see pool_waiting)
+
+
+def pool_waiting() -> int:
+    """How many callers wait for the pool to hand them a connection (or open one) right now, in this process."""
+    return _waiting
+
+
 class bounded_connection:
     """A pooled connection that is got, used and given back within `seconds`, or DatabaseTimeout is raised.
 
@@ -148,6 +156,8 @@ class bounded_connection:
         loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._timer = loop.call_at(loop.time() + self._seconds, self._deadline)
+        global _waiting
+        _waiting += 1
         try:
             conn = await self._connecting.__aenter__()
         except asyncio.CancelledError:
@@ -158,6 +168,8 @@ class bounded_connection:
         except BaseException:
             self._timer.cancel()
             raise
+        finally:
+            _waiting -= 1
         if self._overran:  # the deadline came as the connection arrived: this task was cancelled, then not
             self._task.uncancel()  # type: ignore[union-attr]
             await self._connecting.__aexit__(None, None, None)

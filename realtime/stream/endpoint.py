@@ -109,11 +109,13 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             max_frames=settings.ws_queue_size,
             max_bytes=settings.ws_queue_bytes,
             send_timeout=settings.ws_send_timeout_s,
+            tally=pipeline.metrics.tally("ws"),
         )
         # Names the connection on every log line about it (realtime/logs.py), from the upgrade to the close.
         connection_id = os.urandom(6).hex()
         session = ClientSession(pipeline, outbox, receive, scope["state"]["auth"], connection_id)
         pipeline.hub.attach(outbox)
+        pipeline.metrics.connection_opened("ws")
         _log.info("WebSocket connected", extra={"connection_id": connection_id, "client": _address(scope)})
         try:
             # Ends when the client disconnects, including after a close we started (4008, 1012): the peer answers
@@ -123,6 +125,7 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             session.end()
             pipeline.hub.detach(outbox)
             outbox.discard()
+            pipeline.metrics.connection_closed("ws", outbox.close_code or session.peer_close_code)
             _log.info(
                 "WebSocket closed",
                 extra={
@@ -197,6 +200,8 @@ class ClientSession:
         self._outbox = outbox
         self._receive = receive
         self._subscriptions: dict[str, Subscription] = {}
+        # The code the client closed with (1000, 1001; 1006 when the connection dropped), once it has.
+        self.peer_close_code = 1006
         settings = pipeline.settings
         self._rate = TokenBucket(settings.ws_messages_per_s, settings.ws_message_burst)
         self._refused = 0  # frames refused as rate_limited since the client last kept to the rate
@@ -221,6 +226,7 @@ class ClientSession:
         while True:
             message = await self._next_message()
             if message["type"] == "websocket.disconnect":
+                self.peer_close_code = message.get("code", 1005)
                 return
             if self._outbox.closed:
                 continue  # closing (4008, 1008, 1012): nothing it asks for could be answered; wait for it to go
@@ -534,6 +540,8 @@ class ClientSession:
         settings = self._pipeline.settings
         budget = self._pipeline.snapshot_memory
         taken = 0
+        started = time.monotonic()
+        rows_sent = 0
 
         def reserve(size: int) -> bool:
             nonlocal taken
@@ -557,18 +565,28 @@ class ClientSession:
             for index, rows in enumerate(chunks):
                 chunks[index] = []  # sent rows are freed as the snapshot goes out, not when it ends
                 await self._send_history(snapshot_frame(sub.id, position, rows, last=index == last), position)
+                rows_sent += len(rows)
         finally:
             budget.give(taken)
+        self._pipeline.metrics.snapshot(time.monotonic() - started, rows_sent)
         return position
 
     async def _replay(self, sub: Subscription, since: int, until: int) -> int:
         """Send the subscription's changes after `since` up to `until` (a position no transaction spans), each
         frame with its `tx_end` as the hub would have sent it live."""
+        started = time.monotonic()
+        sent = await self._replay_range(sub, since, until)
+        self._pipeline.metrics.replay(time.monotonic() - started, sent)
+        return max(since, until)
+
+    async def _replay_range(self, sub: Subscription, since: int, until: int) -> int:
+        """The replay itself; returns how many changes it sent."""
         chunk_size = self._pipeline.settings.listener_batch_size
+        sent = 0
         if since >= until:
             async with self._pipeline.reads.connection() as conn:
                 await changelog.replay_chunk(conn, sub.table, since, since)  # still refuses an expired cursor
-            return max(since, until)
+            return 0
         async with self._pipeline.reads.connection() as conn:
             pieces = await changelog.pieces(conn, since, until, chunk_size, sub.table)
         segmenter = Segmenter()
@@ -589,10 +607,12 @@ class ClientSession:
                 decision = (frames, decided)
                 for ready, tx_end in lookbehind.push(change.seq, marks.segments[index], marks.ends[index], decision):
                     await self._send_replayed(sub, ready, tx_end)
+                    sent += 1
             settled = lookbehind.settle(marks.open_segment)
             if settled is not None:
                 await self._send_replayed(sub, settled, True)
-        return until
+                sent += 1
+        return sent
 
     async def _send_replayed(self, sub: Subscription, held: Held, tx_end: bool) -> None:
         frames, decided = cast(tuple[ChangeFrames, Decided], held.payload)

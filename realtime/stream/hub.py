@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from realtime.auth.policy import Grant
+from realtime.metrics import Metrics
 from realtime.stream.changes import Change, TableKey
 from realtime.stream.coalescing import Coalescer, Pending
 from realtime.stream.filters import Condition, RowFilter, value_key
@@ -203,7 +204,8 @@ class _TableSubscriptions:
 
 
 class Hub:
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or Metrics.off()
         self.position = 0  # seq of the last change published (the listener's read position)
         self._tables: dict[TableKey, _TableSubscriptions] = {}
         self._outboxes: dict[Outbox, None] = {}
@@ -216,6 +218,10 @@ class Hub:
         # its second half only, and a replay up to `position` would end inside it: subscribing waits for this.
         self.settled = asyncio.Event()
         self.settled.set()
+
+    @property
+    def has_subscriptions(self) -> bool:
+        return bool(self._tables)
 
     @property
     def subscription_count(self) -> int:
@@ -240,6 +246,7 @@ class Hub:
         if table is None:
             table = self._tables[sub.table] = _TableSubscriptions()
         table.add(sub)
+        self.metrics.subscription_added(sub.table.wire_name)
         if sub.coalescer is not None:
             self._coalescing += 1
 
@@ -248,6 +255,7 @@ class Hub:
         table = self._tables.get(sub.table)
         if table is None or not table.remove(sub):
             return
+        self.metrics.subscription_removed(sub.table.wire_name)
         if sub.coalescer is not None:
             self._coalescing -= 1
             sub.coalescer.clear()  # a write already scheduled must find nothing to send after the unsubscribe

@@ -32,6 +32,7 @@ import asyncpg
 
 from realtime.db import DATABASE_ERRORS, describe_failure
 from realtime.dsn import Dsn
+from realtime.metrics import Metrics
 from realtime.stream import changelog
 from realtime.stream.hub import Hub
 
@@ -62,19 +63,30 @@ def backoff_delays(initial: float, cap: float, rng: Callable[[], float] = random
 
 
 class Listener:
-    def __init__(self, url: Dsn, hub: Hub, settings: ListenerSettings) -> None:
+    def __init__(self, url: Dsn, hub: Hub, settings: ListenerSettings, metrics: Metrics | None = None) -> None:
         self._url = url
         self._hub = hub
         self._settings = settings
+        self._metrics = metrics or Metrics.off()
         self._wake = asyncio.Event()
         self._heartbeat_back = asyncio.Event()
         self._lost = asyncio.Event()
         self._heartbeat_channel = f"realtime_heartbeat_{os.getpid()}"
-        self.state: State = "connecting"
+        self._state: State = "connecting"
+        self._metrics.listener_state(self._state)
         self.connected_once = asyncio.Event()
         self.reconnects = 0
         self.backend_pid: int | None = None
         self._last_change_lag_s: float | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @state.setter
+    def state(self, state: State) -> None:
+        self._state = state
+        self._metrics.listener_state(state)
 
     def status(self) -> dict[str, Any]:
         """For /readyz: state, position, and how far behind the last published change was."""
@@ -110,6 +122,7 @@ class Listener:
             _log.warning("listener connection lost (%s); reconnecting", describe_failure(error))
         self.state = "reconnecting"
         self.reconnects += 1
+        self._metrics.listener_reconnecting()
 
     async def _session(self) -> None:
         conn: asyncpg.Connection = await asyncpg.connect(
@@ -193,9 +206,15 @@ class Listener:
                 changes = await changelog.read_range(conn, after, until)
             if not changes:
                 continue  # only positions of rolled-back transactions here
-            self._hub.publish(changes, pieces.continuing(changes, until))
+            read_at = time.time()
+            hub = self._hub
+            sending = hub.has_subscriptions
+            hub.publish(changes, pieces.continuing(changes, until))
+            published_at = time.time()
             newest_commit = datetime.fromisoformat(changes[-1].ts).timestamp()
-            self._last_change_lag_s = max(0.0, time.time() - newest_commit)
+            self._last_change_lag_s = max(0.0, published_at - newest_commit)
+            oldest_commit = newest_commit if len(changes) == 1 else datetime.fromisoformat(changes[0].ts).timestamp()
+            self._metrics.read(len(changes), oldest_commit, read_at, published_at if sending else None)
         # Everything up to `through` is final and published, holes included: replays may start there.
         self._hub.position = max(self._hub.position, through)
 

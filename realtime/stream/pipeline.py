@@ -28,8 +28,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from realtime import supervision
 from realtime.auth.policy import Policy
 from realtime.config import Settings
-from realtime.db import DATABASE_ERRORS, bounded_connection
+from realtime.db import DATABASE_ERRORS, bounded_connection, pool_waiting
 from realtime.dsn import Dsn
+from realtime.metrics import Metrics
 from realtime.origins import Guard
 from realtime.stream import changelog
 from realtime.stream.admission import Admission
@@ -47,14 +48,17 @@ _PRUNE_BUDGET_S = 300.0
 
 
 class StreamPipeline:
-    def __init__(self, settings: Settings, url: Dsn, engine: AsyncEngine, guard: Guard) -> None:
+    def __init__(
+        self, settings: Settings, url: Dsn, engine: AsyncEngine, guard: Guard, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        self.metrics = metrics or Metrics.off()
         # The app's Host and Origin rule, the one its HTTP middleware applies; /ws applies it to every upgrade.
         self.guard = guard
         # The row-level policy (bound to the database at start-up), or None: every identity may read everything.
         self.policy: Policy | None = None
         self._engine = engine
-        self.hub = Hub()
+        self.hub = Hub(self.metrics)
         self.reads = ReadSlots(self.connection, settings.stream_max_concurrent_reads, settings.stream_read_wait_s)
         self.snapshot_memory = MemoryBudget(settings.stream_snapshot_budget_bytes)
         self.catalog = Catalog(self.reads.connection)
@@ -69,6 +73,7 @@ class StreamPipeline:
                 backoff_initial_s=settings.listener_backoff_initial_s,
                 backoff_max_s=settings.listener_backoff_max_s,
             ),
+            self.metrics,
         )
         self.flusher = Flusher()
         self._tasks: list[asyncio.Task[None]] = []
@@ -175,10 +180,15 @@ class StreamPipeline:
         self._previous_handlers.clear()
 
     async def _watchdog(self) -> None:
+        """Every second: cut the sends stuck too long, and bring the metrics' counts up to date."""
         loop = asyncio.get_running_loop()
+        pool = self._engine.pool
         while True:
             await asyncio.sleep(_WATCHDOG_INTERVAL_S)
-            self.hub.expire_stuck_sends(loop.time(), self.settings.ws_send_timeout_s)
+            stuck = self.hub.expire_stuck_sends(loop.time(), self.settings.ws_send_timeout_s)
+            if stuck:
+                self.metrics.stuck(stuck)
+            self.metrics.sample(pool.checkedout(), pool_waiting())  # type: ignore[attr-defined]
 
     async def _pruner(self) -> None:
         settings = self.settings
@@ -191,6 +201,8 @@ class StreamPipeline:
                     )
             except DATABASE_ERRORS as error:
                 _log.warning("changelog pruning failed (%s); will retry", error)
+                self.metrics.pruned(None)
                 continue
+            self.metrics.pruned(deleted)
             if deleted:
                 _log.info("pruned %d changelog rows", deleted)

@@ -259,12 +259,14 @@ async def _run(
         max_frames=settings.ws_queue_size,
         max_bytes=settings.ws_queue_bytes,
         send_timeout=settings.ws_send_timeout_s,
+        tally=pipeline.metrics.tally("sse"),
     )
     connection_id = os.urandom(6).hex()
     session = ClientSession(pipeline, outbox, receive, verifier, connection_id)
     if identity is not None:
         session.take_identity(identity)
     pipeline.hub.attach(outbox)
+    pipeline.metrics.connection_opened("sse")
     client = f"{scope['client'][0]}:{scope['client'][1]}" if scope.get("client") else None
     _log.info("SSE stream opened", extra={"connection_id": connection_id, "client": client})
     watching = asyncio.ensure_future(_until_disconnect(receive, sink))
@@ -300,6 +302,8 @@ async def _run(
         session.end()
         pipeline.hub.detach(outbox)
         outbox.discard()
+        # The client's close has no code over HTTP: `client` when it went away first.
+        pipeline.metrics.connection_closed("sse", outbox.close_code or "client")
         _log.info(
             "SSE stream closed",
             extra={
