@@ -246,6 +246,10 @@ def test_the_compose_profile_puts_two_instances_behind_the_checked_haproxy_confi
     assert balanced == {"app-2", "lb"}, balanced
     assert apps == {"app", "app-2"}, apps
     assert "./deploy/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in list_of(services["lb"]["volumes"])
+    # The apps believe X-Forwarded-For from the balancer's fixed address, and from nothing else.
+    balancer = services["lb"]["networks"]["default"]["ipv4_address"]  # type: ignore[index]
+    trusted = services["app"]["environment"]["FORWARDED_ALLOW_IPS"]  # type: ignore[index]
+    assert trusted == f"${{FORWARDED_ALLOW_IPS:-{balancer}}}", (trusted, balancer)
 
     lines = [line.split() for line in config_path.read_text().splitlines() if line.strip()]
     targets = {words[2].rsplit(":", 1)[0] for words in lines if words[0] == "server"}
