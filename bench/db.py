@@ -115,6 +115,31 @@ async def reset_users(database: str, rows: int) -> None:
         await conn.close()
 
 
+async def background_counts(database: str) -> dict[str, int]:
+    """Counters of what PostgreSQL and the changelog's pruning do besides the workload, read before and after a
+    step so that a step sunk by a stall can be matched with its cause: checkpoints (server-wide), autovacuum and
+    autoanalyze runs in `database`, and changelog rows deleted (realtime's retention pruning)."""
+    conn = await asyncpg.connect(dsn(database))
+    try:
+        version = int(await conn.fetchval("SHOW server_version_num"))
+        checkpoints_sql = (
+            "SELECT num_timed + num_requested FROM pg_stat_checkpointer"
+            if version >= 170000
+            else "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter"
+        )
+        checkpoints = int(await conn.fetchval(checkpoints_sql))
+        vacuums = await conn.fetchval(
+            "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_all_tables"
+        )
+        deleted = await conn.fetchval(
+            "SELECT coalesce(sum(n_tup_del), 0) FROM pg_stat_all_tables"
+            " WHERE schemaname = 'realtime' AND relname = 'changes'"
+        )
+    finally:
+        await conn.close()
+    return {"checkpoints": checkpoints, "autovacuums": int(vacuums), "changelog_deleted": int(deleted)}
+
+
 class DbCpu:
     """CPU spent by the PostgreSQL backends connected to one database (writers, listeners, server pools).
 

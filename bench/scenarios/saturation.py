@@ -31,6 +31,7 @@ COLUMNS = [
     "held deliv/s",
     "p99 ms @held",
     "cpu ms/1k @held",
+    "commits/s @held",
     "stopped by",
     "next deliv/s",
     "next p99 ms",
@@ -74,6 +75,7 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
             # On a shared machine one stall of another process can sink a p99: a step gets a second try,
             # and only a rate that fails twice ends the climb.
             for attempt in (1, 2):
+                before = await db.background_counts(spec.database)
                 one = await measure(
                     spec,
                     server.pid,
@@ -85,14 +87,18 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
                     ids=list(range(1, sz.seed_rows + 1)),
                     warmup_s=2.0 if step == 0 and attempt == 1 else 0.0,
                 )
+                after = await db.background_counts(spec.database)
+                background = {key: after[key] - before[key] for key in after if after[key] != before[key]}
                 summary = one.summary()
                 held, why = judge(one)
-                summary.update(held=held, stopped_by=why, attempt=attempt)
+                summary.update(held=held, stopped_by=why, attempt=attempt, background=background)
                 steps.append(summary)
                 print(
                     f"   {spec.name} {subscribers} subs: {one.deliveries_per_s:,.0f} deliv/s "
-                    f"p99 {summary['latency_ms']['p99']:.1f} ms {'held' if held else 'not held'}"
-                    + (f", stop: {why}" if why else ""),
+                    f"({one.writes.achieved_rate:,.0f} commits/s) p99 {summary['latency_ms']['p99']:.1f} ms "
+                    f"max {summary['latency_ms']['max']:.1f} ms {'held' if held else 'not held'}"
+                    + (f", stop: {why}" if why else "")
+                    + (f", meanwhile {background}" if background else ""),
                     flush=True,
                 )
                 # Let queues and socket buffers empty so one step does not bleed into the next.
@@ -113,6 +119,8 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
         "held_deliveries_per_s": best["deliveries_per_s"] if best else None,
         "held_p99_ms": best["latency_ms"]["p99"] if best else None,
         "held_cpu_ms_per_1k_frames": best["server_cpu_ms_per_1k_frames"] if best else None,
+        # The writers' own commit rate at the held step: at 100 subscribers it is what ends most climbs.
+        "held_commits_per_s": best["write_rate_achieved"] if best else None,
         "stopped_by": stopped,
         "next_deliveries_per_s": failed["deliveries_per_s"] if failed else None,
         "next_p99_ms": failed["latency_ms"]["p99"] if failed else None,
@@ -153,6 +161,7 @@ async def run(ctx: Context) -> ScenarioResult:
                         one["held_deliveries_per_s"],
                         one["held_p99_ms"],
                         one["held_cpu_ms_per_1k_frames"],
+                        one["held_commits_per_s"],
                         one["stopped_by"],
                         one["next_deliveries_per_s"],
                         one["next_p99_ms"],
@@ -169,13 +178,20 @@ def summarize(result: ScenarioResult) -> None:
         for r in result.runs:
             if r["subscribers"] != subscribers:
                 continue
-            per_server.setdefault(r["server"], {"held": [], "cpu": [], "stopped_by": []})
+            per_server.setdefault(r["server"], {"held": [], "cpu": [], "commits": [], "stopped_by": []})
             per_server[r["server"]]["held"].append(r["held_deliveries_per_s"])
             per_server[r["server"]]["cpu"].append(r["held_cpu_ms_per_1k_frames"])
+            per_server[r["server"]]["commits"].append(r.get("held_commits_per_s"))
             per_server[r["server"]]["stopped_by"].append(r["stopped_by"])
         for name, d in per_server.items():
+            held = [value for value in d["held"] if value is not None]
             result.summary.setdefault(name, {})[str(subscribers)] = {
                 "held_deliveries_per_s": median(d["held"]),
+                # A climb ends at the first rate that fails twice, so one stall moves it a whole step or more:
+                # the spread of the climbs is part of the figure.
+                "held_min": min(held) if held else None,
+                "held_max": max(held) if held else None,
+                "held_commits_per_s": median(d["commits"]),
                 "cpu_ms_per_1k_frames": median(d["cpu"]),
                 "stopped_by": d["stopped_by"],
             }
