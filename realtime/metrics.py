@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
+    from prometheus_client import CollectorRegistry, Histogram
 
 # Seconds from a commit to its change being read, or handed to the sockets: milliseconds normally, seconds when
 # the database or the process is overloaded.
@@ -133,20 +133,17 @@ class Metrics:
             registry=registry,
         )
         self.replay_changes = Counter("realtime_replay_changes", "Changes sent by `since` replays.", registry=registry)
-        self.http_requests = Counter(
-            "realtime_http_requests",
-            "HTTP requests answered, by method, route template and status.",
-            ["method", "route", "status"],
-            registry=registry,
-        )
         self.http_seconds = Histogram(
             "realtime_http_request_duration_seconds",
-            "Time from an HTTP request's arrival to the end of its answer, by method and route template (an SSE"
-            " stream's lasts as long as the stream).",
-            ["method", "route"],
+            "HTTP requests answered, by method, route template and status, and the time from their arrival to the end"
+            " of the answer (an SSE stream's lasts as long as the stream); `_count` counts the requests.",
+            ["method", "route", "status"],
             buckets=_HTTP_BUCKETS,
             registry=registry,
         )
+        # One histogram rather than a counter beside it: each observation under `serve` is a locked write to a
+        # file, and a request's count is the histogram's `_count` already.
+        self._http_children: dict[tuple[str, str, int], Histogram] = {}
         self.pool = Gauge(
             "realtime_db_pool_connections",
             "Database pool connections in use (state=in_use) and callers waiting for one (state=waiting).",
@@ -229,8 +226,11 @@ class Metrics:
         self.replay_changes.inc(changes)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.http_requests.labels(method, route, str(status)).inc()
-        self.http_seconds.labels(method, route).observe(seconds)
+        key = (method, route, status)
+        child = self._http_children.get(key)
+        if child is None:  # labels() costs more than the observation itself: looked up once per combination
+            child = self._http_children[key] = self.http_seconds.labels(method, route, str(status))
+        child.observe(seconds)
 
     def pruned(self, rows: int | None) -> None:
         """A retention run deleted `rows`; None: it failed."""
