@@ -3,10 +3,12 @@
 Each event of the service is one method here (`connection_opened`, `read`, `http_request`...), so the code that
 serves never touches prometheus-client; `Metrics.off()` (METRICS_ENABLED=false) does nothing in each of them.
 
-Cost on the delivery path: frames and bytes written to sockets are tallied in plain integers by each outbox
-(`Tally`, a few attribute additions per socket write) and added to the counters once a second by the pipeline's
-sampler (`sample`), never per frame; the listener records one observation per read of the changelog, not per
-change. Events per connection, subscription or request (opened, closed, a snapshot) update their metrics at once.
+Cost on the delivery path: frames and bytes are tallied in plain integers (`Tally`) and added to the counters once
+a second by the pipeline's sampler (`sample`). The hub tallies a change's frames to subscribers that see whole
+rows once per change, from counts it keeps as subscriptions come and go (hub.py), so broadcasting costs nothing
+per frame; frames with a work of their own (filtered, restricted, held, merged) and the connection's replies and
+history are tallied one by one. The listener records one observation per read of the changelog, not per change.
+Events per connection, subscription or request (opened, closed, a snapshot) update their metrics at once.
 
 Under `realtime serve` every worker writes its values to files in the directory serve prepares
 (PROMETHEUS_MULTIPROC_DIR, metrics_directory.py) and a scrape answered by any worker adds them up: gauges of the
@@ -32,14 +34,18 @@ LISTENER_STATES = ("connecting", "live", "reconnecting", "stopped")
 
 @dataclass(slots=True)
 class Tally:
-    """Frames and bytes written to one transport's sockets since the sampler last took them."""
+    """Frames and bytes sent since the sampler last took them."""
 
     frames: int = 0
-    bytes: int = 0
+    byte_count: int = 0
+
+    def add(self, frame: bytes) -> None:
+        self.frames += 1
+        self.byte_count += len(frame)
 
     def take(self) -> tuple[int, int]:
-        taken = self.frames, self.bytes
-        self.frames = self.bytes = 0
+        taken = self.frames, self.byte_count
+        self.frames = self.byte_count = 0
         return taken
 
 
@@ -55,7 +61,7 @@ class Metrics:
 
         self.registry: CollectorRegistry = CollectorRegistry()
         registry = self.registry
-        self.tallies = {"ws": Tally(), "sse": Tally()}
+        self.tally = Tally()
         self.connections = Gauge(
             "realtime_connections",
             "Open WebSockets (transport=ws) and SSE streams (transport=sse).",
@@ -72,12 +78,11 @@ class Metrics:
         )
         self.frames = Counter(
             "realtime_frames_sent",
-            "Frames written to clients (changes, snapshot chunks and replies; SSE events).",
-            ["transport"],
+            "Frames sent to clients, WebSocket and SSE: changes, snapshot chunks, replies.",
             registry=registry,
         )
         self.sent_bytes = Counter(
-            "realtime_sent_bytes", "Bytes of frames written to clients.", ["transport"], registry=registry
+            "realtime_sent_bytes", "Bytes of those frames, as WebSocket frames.", registry=registry
         )
         self.closes = Counter(
             "realtime_closes",
@@ -169,16 +174,12 @@ class Metrics:
         """Metrics that record nothing (METRICS_ENABLED=false)."""
         return _Off()
 
-    def tally(self, transport: str) -> Tally:
-        return self.tallies[transport]
-
     def sample(self, pool_in_use: int, pool_waiting: int) -> None:
         """Called about once a second: move the tallies into their counters and read the pool's levels."""
-        for transport, tally in self.tallies.items():
-            frames, sent = tally.take()
-            if frames:
-                self.frames.labels(transport).inc(frames)
-                self.sent_bytes.labels(transport).inc(sent)
+        frames, sent = self.tally.take()
+        if frames:
+            self.frames.inc(frames)
+            self.sent_bytes.inc(sent)
         self.pool.labels("in_use").set(pool_in_use)
         self.pool.labels("waiting").set(pool_waiting)
 
@@ -247,7 +248,7 @@ class _Off(Metrics):
     enabled = False
 
     def __init__(self) -> None:  # no metric objects at all
-        self.tallies = {"ws": Tally(), "sse": Tally()}
+        self.tally = Tally()
 
     def sample(self, pool_in_use: int, pool_waiting: int) -> None:
         pass

@@ -140,8 +140,8 @@ async def test_a_scrape_shows_what_two_workers_served(database: Dsn, artifacts_d
             async def counted() -> Samples | None:
                 samples = await scrape(server)
                 shown = (
-                    value(samples, "realtime_frames_sent_total", transport="ws"),
-                    value(samples, "realtime_sent_bytes_total", transport="ws"),
+                    value(samples, "realtime_frames_sent_total"),
+                    value(samples, "realtime_sent_bytes_total"),
                 )
                 return samples if shown == (frames, sent) else None
 

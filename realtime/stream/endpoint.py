@@ -109,7 +109,7 @@ async def stream(scope: Scope, receive: Receive, send: Send) -> None:
             max_frames=settings.ws_queue_size,
             max_bytes=settings.ws_queue_bytes,
             send_timeout=settings.ws_send_timeout_s,
-            tally=pipeline.metrics.tally("ws"),
+            tally=pipeline.metrics.tally,
         )
         # Names the connection on every log line about it (realtime/logs.py), from the upgrade to the close.
         connection_id = os.urandom(6).hex()

@@ -113,6 +113,7 @@ class Subscription:
                 return
             coalescer.pop()
             self.position = seq
+            outbox.tally.add(frame)
             written += len(frame)
             if written >= COALESCED_BURST_BYTES and coalescer:
                 outbox.offer(frame, seq, flush=True)
@@ -147,6 +148,9 @@ class _TableSubscriptions:
             lambda: defaultdict(dict)
         )
         self.count = 0
+        # Subscriptions that see whole rows (no filter, no grant), by operation and subscription id: how many
+        # frames a change sends them, counted for the metrics once per change instead of once per frame.
+        self.whole_counts: defaultdict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
 
     def add(self, sub: Subscription) -> None:
         condition = sub.index_condition
@@ -155,6 +159,17 @@ class _TableSubscriptions:
         else:
             self.by_value[condition.column][value_key(condition.value)][sub] = None
         self.count += 1
+        if _sees_whole_rows(sub):
+            for op in _operations(sub):
+                self.whole_counts[op][sub.id] += 1
+
+    def _uncount(self, sub: Subscription) -> None:
+        if _sees_whole_rows(sub):
+            for op in _operations(sub):
+                counts = self.whole_counts[op]
+                counts[sub.id] -= 1
+                if not counts[sub.id]:
+                    del counts[sub.id]
 
     def remove(self, sub: Subscription) -> bool:
         """Take `sub` out; False if it was not here (removing twice must not touch the others' count)."""
@@ -173,6 +188,7 @@ class _TableSubscriptions:
             if not column:
                 del self.by_value[condition.column]
         self.count -= 1
+        self._uncount(sub)
         return True
 
     def every(self) -> Iterator[Subscription]:
@@ -203,9 +219,19 @@ class _TableSubscriptions:
                             yield from subs
 
 
+def _sees_whole_rows(sub: Subscription) -> bool:
+    """Its frames are the change's whole rows, the same bytes for every such subscription with the same id."""
+    return sub.grant is None and not sub.filter.conditions
+
+
+def _operations(sub: Subscription) -> frozenset[str]:
+    return sub.events | {"TRUNCATE"}  # a TRUNCATE reaches every subscription of its table
+
+
 class Hub:
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics or Metrics.off()
+        self._tally = self.metrics.tally
         self.position = 0  # seq of the last change published (the listener's read position)
         self._tables: dict[TableKey, _TableSubscriptions] = {}
         self._outboxes: dict[Outbox, None] = {}
@@ -313,6 +339,7 @@ class Hub:
         # The frames of subscriptions whose view is the whole table, by id: looked up here rather than through
         # `frames.frame()`, as this loop runs once per delivered frame and a call per frame was a fifth of it.
         whole: dict[str, bytes] = {}
+        tally = self._tally
         for sub in table.candidates(change):
             if op not in sub.events and op != "TRUNCATE":
                 continue
@@ -325,7 +352,14 @@ class Hub:
                 if restricted is None:
                     continue
                 frame = restricted
+                tally.add(frame)
             sub.deliver(seq, frame, flush)
+        if whole:
+            counts = table.whole_counts[op]
+            for sub_id, frame in whole.items():
+                sent = counts[sub_id]
+                tally.frames += sent
+                tally.byte_count += sent * len(frame)
 
     def _push(self, sub: Subscription, frames: ChangeFrames, seq: int, segment: int, ends: bool, flush: bool) -> None:
         decided = frames.decide(sub.filter, sub.grant, sub.key_columns)
@@ -346,6 +380,7 @@ class Hub:
         if sub.coalescer is not None and sub.pending is None and (sub.coalescer or not sub.outbox.has_room(len(frame))):
             sub.coalesce(held.seq, frames.change, decided[1]())
             return
+        self._tally.add(frame)
         sub.deliver(held.seq, frame, flush)
 
     def _settle(self, open_segment: int | None) -> None:

@@ -80,10 +80,10 @@ class Outbox:
         "_send_timeout",
         "_seqs",
         "_sink",
-        "_tally",
         "_writer",
         "last_seq_sent",
         "sending_since",
+        "tally",
     )
 
     def __init__(
@@ -98,8 +98,9 @@ class Outbox:
         tally: Tally | None = None,
     ) -> None:
         self._sink = sink
-        # Frames and bytes written, counted per write for the metrics (the sampler reads them once a second).
-        self._tally = tally or Tally()
+        # Where the connection's own frames (replies, history, merged backlogs) are counted for the metrics; the
+        # hub counts the live frames it offers (metrics.py).
+        self.tally = tally or Tally()
         self._flusher = flusher
         self._send = send  # ASGI send: used for the close frame, so the server's protocol state stays right
         self._max_frames = max_frames
@@ -179,9 +180,6 @@ class Outbox:
             # The common case of a live subscriber: nothing queued and the socket takes it, so no queueing at all
             # (in-process with sinks that discard, 1,000 subscribers: 380 ns per frame with this, 550 without).
             self._sink.write(frame)
-            tally = self._tally
-            tally.frames += 1
-            tally.bytes += len(frame)
             if seq > self._queued_seq:
                 self._queued_seq = self.last_seq_sent = seq
             return
@@ -217,6 +215,8 @@ class Outbox:
                 self._room = asyncio.Event()
             self._room.clear()
             await self._room.wait()
+        if self._close is None:
+            self.tally.add(frame)
         self.offer(frame, seq)
 
     def close(self, code: int, why: str, timeout: float | None = None) -> None:
@@ -259,11 +259,7 @@ class Outbox:
         frames = self._frames
         if not frames:  # dropped while we waited (closed or disconnected)
             return
-        data = frames[0] if len(frames) == 1 else b"".join(frames)
-        self._sink.write(data)
-        tally = self._tally
-        tally.frames += len(frames)
-        tally.bytes += len(data)
+        self._sink.write(frames[0] if len(frames) == 1 else b"".join(frames))
         # Cleared in place, not replaced: a fresh list per flush per connection would outlive the flush and be
         # promoted into the garbage collector's old generation, making full collections frequent and long.
         self._drop_queued()
@@ -303,8 +299,6 @@ class Outbox:
                     self.sending_since = self._loop.time()
                     await self._sink.send(frame, seq)
                     self.sending_since = None
-                    self._tally.frames += 1
-                    self._tally.bytes += len(frame)
                     if seq > self.last_seq_sent:
                         self.last_seq_sent = seq
         except Exception:  # the peer went away mid-send; nothing more can reach it

@@ -259,7 +259,7 @@ async def _run(
         max_frames=settings.ws_queue_size,
         max_bytes=settings.ws_queue_bytes,
         send_timeout=settings.ws_send_timeout_s,
-        tally=pipeline.metrics.tally("sse"),
+        tally=pipeline.metrics.tally,
     )
     connection_id = os.urandom(6).hex()
     session = ClientSession(pipeline, outbox, receive, verifier, connection_id)
