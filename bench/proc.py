@@ -25,6 +25,23 @@ def raise_nofile_limit() -> int:
     return hard
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, stolen ticks) of the machine since boot, from /proc/stat's `cpu` line.
+
+    Steal is time the hypervisor ran something else while this VM wanted the CPU: on a shared host it can slow
+    every process here at once, which no measurement inside the VM would otherwise show.
+    """
+    with open("/proc/stat") as f:
+        fields = [int(value) for value in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in user.
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[0] - before[0]
+    return 100.0 * (after[1] - before[1]) / total if total > 0 else 0.0
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from bench import db
+from bench import db, proc
 from bench.config import MAX_RATE_VS_NODE, SATURATION_P99_MS
 from bench.report import ScenarioResult, Target
 from bench.scenarios.common import Context, StreamRun, alternate, attempt, measure, prepare, require_open
@@ -32,6 +32,7 @@ COLUMNS = [
     "p99 ms @held",
     "cpu ms/1k @held",
     "commits/s @held",
+    "steal % max",
     "stopped by",
     "next deliv/s",
     "next p99 ms",
@@ -76,6 +77,7 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
             # and only a rate that fails twice ends the climb.
             for attempt in (1, 2):
                 before = await db.background_counts(spec.database)
+                ticks = proc.machine_ticks()
                 one = await measure(
                     spec,
                     server.pid,
@@ -87,11 +89,16 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
                     ids=list(range(1, sz.seed_rows + 1)),
                     warmup_s=2.0 if step == 0 and attempt == 1 else 0.0,
                 )
+                steal = proc.steal_percent(ticks, proc.machine_ticks())
                 after = await db.background_counts(spec.database)
-                background = {key: after[key] - before[key] for key in after if after[key] != before[key]}
+                background: dict[str, float] = {
+                    key: after[key] - before[key] for key in after if after[key] != before[key]
+                }
+                if steal >= 0.5:
+                    background["steal_pct"] = round(steal, 1)
                 summary = one.summary()
                 held, why = judge(one)
-                summary.update(held=held, stopped_by=why, attempt=attempt, background=background)
+                summary.update(held=held, stopped_by=why, attempt=attempt, background=background, steal_pct=steal)
                 steps.append(summary)
                 print(
                     f"   {spec.name} {subscribers} subs: {one.deliveries_per_s:,.0f} deliv/s "
@@ -121,6 +128,8 @@ async def climb(ctx: Context, spec: ServerSpec, subscribers: int) -> dict[str, A
         "held_cpu_ms_per_1k_frames": best["server_cpu_ms_per_1k_frames"] if best else None,
         # The writers' own commit rate at the held step: at 100 subscribers it is what ends most climbs.
         "held_commits_per_s": best["write_rate_achieved"] if best else None,
+        # CPU taken by the hypervisor during the worst step: above a few percent, the climb measured the host.
+        "steal_pct_max": max((step["steal_pct"] for step in steps), default=0.0),
         "stopped_by": stopped,
         "next_deliveries_per_s": failed["deliveries_per_s"] if failed else None,
         "next_p99_ms": failed["latency_ms"]["p99"] if failed else None,
@@ -162,6 +171,7 @@ async def run(ctx: Context) -> ScenarioResult:
                         one["held_p99_ms"],
                         one["held_cpu_ms_per_1k_frames"],
                         one["held_commits_per_s"],
+                        round(one["steal_pct_max"], 1),
                         one["stopped_by"],
                         one["next_deliveries_per_s"],
                         one["next_p99_ms"],
