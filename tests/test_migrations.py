@@ -16,7 +16,7 @@ from realtime import migrate
 from realtime.dsn import Dsn
 from tests.support.databases import create_database, drop_database
 
-HEAD = "0007_sse_tickets"
+HEAD = "0008_prune_by_position"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -109,6 +109,7 @@ MIGRATED = {
     "sse_tickets": True,
     "revision": HEAD,
 }
+SSE_TICKETS = {**MIGRATED, "revision": "0007_sse_tickets"}
 CAPTURE_V5 = {**MIGRATED, "sse_tickets": False, "revision": "0006_transaction_ids"}
 CAPTURE_V4 = {**CAPTURE_V5, "changes_tx": None, "revision": "0005_truncate_capture"}
 CAPTURE_V3 = {**CAPTURE_V4, "truncate_triggers": 0, "functions": CAPTURE_V3_FUNCTIONS, "revision": "0004_utc_rows"}
@@ -148,8 +149,8 @@ def test_upgrade_downgrade_upgrade_round_trip(fresh_url: Dsn) -> None:
 
 
 def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
-    """Each revision's downgrade undoes exactly that revision: the SSE tickets table, capture v5 to v4 to v3 to
-    v2 to v1, then the schema."""
+    """Each revision's downgrade undoes exactly that revision: capture v6's prune (same objects), the SSE tickets
+    table, capture v5 to v4 to v3 to v2 to v1, then the schema."""
     migrate.upgrade(fresh_url, "0001_users")
     assert objects(fresh_url) == {**EMPTY, "users": True, "users_touch": 1, "revision": "0001_users"}
     migrate.upgrade(fresh_url, "0002_capture")
@@ -162,8 +163,12 @@ def test_each_revision_downgrades_on_its_own(fresh_url: Dsn) -> None:
     assert objects(fresh_url) == CAPTURE_V4
     migrate.upgrade(fresh_url, "0006_transaction_ids")
     assert objects(fresh_url) == CAPTURE_V5
+    migrate.upgrade(fresh_url, "0007_sse_tickets")
+    assert objects(fresh_url) == SSE_TICKETS
     migrate.upgrade(fresh_url)
     assert objects(fresh_url) == MIGRATED
+    migrate.downgrade(fresh_url, "0007_sse_tickets")
+    assert objects(fresh_url) == SSE_TICKETS
     migrate.downgrade(fresh_url, "0006_transaction_ids")
     assert objects(fresh_url) == CAPTURE_V5
     migrate.downgrade(fresh_url, "0005_truncate_capture")
@@ -285,6 +290,24 @@ def test_capture_v5_records_each_change_transaction(fresh_url: Dsn) -> None:
     assert objects(fresh_url)["changes_tx"] is None
     execute(fresh_url, "INSERT INTO notes VALUES (6)")
     assert rows(fresh_url, CHANGES)[-1] == (6, "notes", "INSERT")
+
+
+PRUNE_SOURCE = "SELECT prosrc FROM pg_proc WHERE oid = 'realtime.prune(interval,bigint,bigint)'::regprocedure"
+
+
+def test_capture_v6_finds_the_count_cutoff_without_reading_rows(fresh_url: Dsn) -> None:
+    """v6's prune() takes the count cutoff from the newest position; its downgrade restores v2's, which reads up to
+    max_rows rows with OFFSET."""
+    migrate.upgrade(fresh_url)
+    (source,) = rows(fresh_url, PRUNE_SOURCE)[0]
+    assert "newest - max_rows" in str(source)
+    assert "OFFSET" not in str(source)
+    migrate.downgrade(fresh_url, "0007_sse_tickets")
+    (source,) = rows(fresh_url, PRUNE_SOURCE)[0]
+    assert "OFFSET max_rows" in str(source)
+    migrate.upgrade(fresh_url)
+    (source,) = rows(fresh_url, PRUNE_SOURCE)[0]
+    assert "OFFSET" not in str(source)
 
 
 def test_upgrade_at_head_is_a_no_op(fresh_url: Dsn) -> None:

@@ -51,6 +51,19 @@ async def test_prune_by_count_keeps_the_newest_rows_and_records_how_far(conn: as
     assert await conn.fetchval("SELECT pruned_through FROM realtime.retention") == seqs[-11]
 
 
+async def test_prune_by_count_counts_positions_so_a_hole_keeps_fewer_rows(conn: asyncpg.Connection) -> None:
+    """The count is of positions back from the newest (found without reading the rows): where positions are
+    missing (a transaction that took one and failed to commit), fewer than max_rows rows are kept, never more."""
+    seqs = await _write_users(conn, 30)
+    holes = seqs[22:25]  # three positions among the newest ten left empty
+    await conn.execute("DELETE FROM realtime.changes WHERE seq = ANY($1::bigint[])", holes)
+    deleted = await conn.fetchval("SELECT realtime.prune(interval '1 day', 10, $1)", seqs[-1])
+    assert deleted == 20
+    kept = [r["seq"] for r in await conn.fetch("SELECT seq FROM realtime.changes ORDER BY seq")]
+    assert kept == [seq for seq in seqs[-10:] if seq not in holes]
+    assert await conn.fetchval("SELECT pruned_through FROM realtime.retention") == seqs[-11]
+
+
 async def test_prune_by_age_never_deletes_the_newest_row(conn: asyncpg.Connection) -> None:
     """Rows older than the age limit go, except the newest one, which anchors snapshot positions."""
     seqs = await _write_users(conn, 5)
