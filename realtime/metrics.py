@@ -18,7 +18,9 @@ worker is restarted. Without that directory (the app hosted some other way) each
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,6 +32,28 @@ _LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 _HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _HISTORY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 LISTENER_STATES = ("connecting", "live", "reconnecting", "stopped")
+# Label values a client chooses are bounded, or one client could make series without end: a WebSocket client may
+# close with any code from 3000 to 4999, and a request may carry any method the HTTP parser knows.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_CLOSE_CODES = frozenset(
+    {"1000", "1001", "1005", "1006", "1008", "1011", "1012", "4000", "4001", "4008", "client", "refused"}
+)
+
+
+def close_label(code: int | str) -> str:
+    """The `code` label of a close: the codes the server sends or a client commonly does, else `other`."""
+    text = str(code)
+    return text if text in _CLOSE_CODES else "other"
+
+
+MULTIPROCESS_ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def forget_process(directory: Path, pid: int) -> None:
+    """Remove the live gauges (`livesum` and the like) a process left in `directory`, as prometheus-client's
+    mark_process_dead does, but without failing when another worker removed them first."""
+    for path in directory.glob(f"gauge_live*_{pid}.db"):
+        path.unlink(missing_ok=True)
 
 
 @dataclass(slots=True)
@@ -59,6 +83,12 @@ class Metrics:
         # files (multiprocess) or memory, so it must come after `serve` has prepared the directory.
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+        # Where prometheus-client writes this process's values, if anywhere: it read the environment at import.
+        directory = os.environ.get(MULTIPROCESS_ENVIRONMENT)
+        self.directory = Path(directory) if directory else None
+        if self.directory is not None:
+            # A process id may come back after a killed worker's: its live gauges must not start from the dead one's.
+            forget_process(self.directory, os.getpid())
         self.registry: CollectorRegistry = CollectorRegistry()
         registry = self.registry
         self.tally = Tally()
@@ -108,7 +138,7 @@ class Metrics:
         self.commit_to_send = Histogram(
             "realtime_commit_to_send_seconds",
             "From the commit of the oldest change of a listener read to its frames being handed to every"
-            " subscriber's socket (one per read that had subscribers).",
+            " subscriber's socket (one per read while the process had subscribers).",
             buckets=_LAG_BUCKETS,
             registry=registry,
         )
@@ -188,7 +218,7 @@ class Metrics:
 
     def connection_closed(self, transport: str, code: int | str) -> None:
         self.connections.labels(transport).dec()
-        self.closes.labels(transport, str(code)).inc()
+        self.closes.labels(transport, close_label(code)).inc()
 
     def subscription_added(self, table: str) -> None:
         self.subscriptions.labels(table).inc()
@@ -227,6 +257,8 @@ class Metrics:
         self.replay_changes.inc(changes)
 
     def http_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "other"
         key = (method, route, status)
         child = self._http_children.get(key)
         if child is None:  # labels() costs more than the observation itself: looked up once per combination
@@ -249,6 +281,7 @@ class _Off(Metrics):
 
     def __init__(self) -> None:  # no metric objects at all
         self.tally = Tally()
+        self.directory = None
 
     def sample(self, pool_in_use: int, pool_waiting: int) -> None:
         pass

@@ -18,8 +18,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from realtime.config import Settings
+from realtime.metrics import MULTIPROCESS_ENVIRONMENT
 
-ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
+# prometheus-client's files: counter_<pid>.db, gauge_<mode>_<pid>.db, histogram_<pid>.db, summary_<pid>.db.
+_METRIC_FILES = ("counter_*.db", "gauge_*_*.db", "histogram_*.db", "summary_*.db")
 _log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ def prepared(settings: Settings) -> Iterator[Path | None]:
         _empty(directory)
     else:
         directory = Path(tempfile.mkdtemp(prefix="realtime-metrics-"))
-    os.environ[ENVIRONMENT] = str(directory)
+    os.environ[MULTIPROCESS_ENVIRONMENT] = str(directory)
     _log.info("metrics directory %s", directory)
     try:
         yield directory
@@ -45,9 +47,11 @@ def prepared(settings: Settings) -> Iterator[Path | None]:
             _empty(directory)
         else:
             shutil.rmtree(directory, ignore_errors=True)
-            os.environ.pop(ENVIRONMENT, None)
+            os.environ.pop(MULTIPROCESS_ENVIRONMENT, None)
 
 
 def _empty(directory: Path) -> None:
-    for path in directory.glob("*.db"):
-        path.unlink(missing_ok=True)
+    """Remove prometheus-client's files, and nothing else the directory may hold."""
+    for pattern in _METRIC_FILES:
+        for path in directory.glob(pattern):
+            path.unlink(missing_ok=True)

@@ -18,12 +18,13 @@ import re
 from pathlib import Path
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from realtime.auth.dependencies import authenticate
 from realtime.config import Settings
 from realtime.errors import Forbidden, Unauthorized
-from realtime.metrics import Metrics
+from realtime.metrics import Metrics, forget_process
 
 router = APIRouter(tags=["operations"])
 _CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -44,7 +45,9 @@ async def metrics(request: Request) -> Response:
     settings: Settings = request.state.settings
     await _authorize(request, settings)
     exposed: Metrics = request.state.metrics
-    return Response(_exposition(exposed, settings.prometheus_multiproc_dir), media_type=_CONTENT_TYPE)
+    # Reading every worker's files is blocking work that grows with the workers that ever ran: not on the loop
+    # that delivers changes.
+    return Response(await run_in_threadpool(_exposition, exposed), media_type=_CONTENT_TYPE)
 
 
 async def _authorize(request: Request, settings: Settings) -> None:
@@ -63,31 +66,27 @@ async def _authorize(request: Request, settings: Settings) -> None:
         raise Forbidden("reading /metrics needs METRICS_TOKEN or a token of an operator role (AUTH_OPERATOR_ROLES)")
 
 
-def _exposition(exposed: Metrics, directory: Path | None) -> bytes:
-    """This process's metrics, or with a multiprocess directory (set by `serve`) those of every worker."""
+def _exposition(exposed: Metrics) -> bytes:
+    """This process's metrics, or, when prometheus-client writes to a directory (under `serve`), every worker's."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    directory = exposed.directory
     if directory is None:
         return generate_latest(exposed.registry)
-    _mark_dead_workers(directory)
+    _forget_dead_workers(directory)
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
     return generate_latest(registry)
 
 
-def _mark_dead_workers(directory: Path) -> None:
+def _forget_dead_workers(directory: Path) -> None:
     """Drop the live gauges of processes that no longer exist, so that a killed worker's connections do not stay
     counted (its counters stay: totals never go down)."""
-    from prometheus_client.multiprocess import mark_process_dead
-
     for path in directory.glob("gauge_live*_*.db"):
         match = _LIVE_GAUGE_FILE.fullmatch(path.name)
-        if match is None:
-            continue
-        pid = int(match.group(1))
-        if not _alive(pid):
-            mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+        if match is not None and not _alive(int(match.group(1))):
+            forget_process(directory, int(match.group(1)))
 
 
 def _alive(pid: int) -> bool:

@@ -1,5 +1,5 @@
-"""Counts every HTTP request by method, route template and status, and times it (realtime_http_requests,
-realtime_http_request_duration_seconds).
+"""Counts every HTTP request by method, route template and status, and times it
+(realtime_http_request_duration_seconds; its `_count` is the number of requests).
 
 The route is the template the router matched (`/users/{user_id}`, never the id itself, which would make a series
 per user); the demo page's files all count as `/{path}`, and a request answered before routing (a refused Host)

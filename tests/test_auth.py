@@ -124,14 +124,15 @@ async def test_rest_serves_a_valid_token(client: httpx.AsyncClient) -> None:
 
 
 async def test_probes_demo_page_and_openapi_stay_anonymous(client: httpx.AsyncClient) -> None:
-    """/healthz, /readyz, the demo page and /openapi.json need no token; the users and SSE routes declare 401."""
+    """/healthz, /readyz, the demo page and /openapi.json need no token; the users, SSE and /metrics routes declare
+    401 and the bearer scheme."""
     for path in ("/healthz", "/readyz", "/", "/openapi.json"):
         assert (await client.get(path)).status_code == 200, path
     description = (await client.get("/openapi.json")).json()
     assert description["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     for operations in description["paths"].values():
         for method, operation in operations.items():
-            if {"users", "stream"} & set(operation.get("tags", [])):
+            if {"users", "stream", "operations"} & set(operation.get("tags", [])):
                 assert "401" in operation["responses"], method
                 assert operation["security"] == [{"bearerAuth": []}], method
             else:

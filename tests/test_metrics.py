@@ -343,3 +343,35 @@ def test_the_grafana_dashboard_asks_only_for_metrics_realtime_exposes() -> None:
     queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
     asked = {re.sub(r"_(total|bucket|count|sum)$", "", name) for name in re.findall(r"realtime_\w+", " ".join(queries))}
     assert asked == exposed
+
+
+def test_label_values_a_client_chooses_are_bounded() -> None:
+    """A WebSocket close code from 3000 to 4999 and an HTTP method are the client's to choose: beyond the ones
+    the server names, they all count under `other`, so no client can make series without end."""
+    from prometheus_client import generate_latest
+
+    from realtime.metrics import Metrics
+
+    metrics = Metrics()
+    for code in (4321, 3999, 1000, 1006, 4008):
+        metrics.connection_opened("ws")
+        metrics.connection_closed("ws", code)
+    for method in ("BREW", "PROPFIND", "GET"):
+        metrics.http_request(method, "/users", 405, 0.001)
+    samples: Samples = {}
+    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    closes = {labels: count for (name, labels), count in samples.items() if name == "realtime_closes_total"}
+    assert {dict(labels)["code"]: count for labels, count in closes.items()} == {
+        "other": 2,
+        "1000": 1,
+        "1006": 1,
+        "4008": 1,
+    }
+    methods = {
+        dict(labels)["method"]: count
+        for (name, labels), count in samples.items()
+        if name == "realtime_http_request_duration_seconds_count"
+    }
+    assert methods == {"other": 2, "GET": 1}

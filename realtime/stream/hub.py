@@ -396,11 +396,13 @@ class Hub:
             outbox.close(code, why, timeout)
 
     def expire_stuck_sends(self, now: float, send_timeout: float) -> int:
-        """Close and abort connections whose current send has been blocked longer than `send_timeout`."""
+        """Close and abort connections whose current send has been blocked longer than `send_timeout`; returns how
+        many were still open (those cut here, rather than already closing for another reason)."""
         stuck = [o for o in self._outboxes if o.sending_since is not None and now - o.sending_since > send_timeout]
+        cut = sum(1 for outbox in stuck if not outbox.closed)
         for outbox in stuck:
             outbox.close(CLOSE_TOO_SLOW, "too slow")
             outbox.abort()
         if stuck:
             _log.info("closed %d connection(s) whose send was stuck for over %.1fs", len(stuck), send_timeout)
-        return len(stuck)
+        return cut

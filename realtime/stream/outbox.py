@@ -306,6 +306,8 @@ class Outbox:
             self._signal_room()
             self._sink.abort()
         finally:
+            # Cancelled by close() mid-send: the send is over, and the watchdog must not find it stuck later.
+            self.sending_since = None
             if self._close is None:
                 self._writer = None
 

@@ -271,6 +271,7 @@ async def _run(
     _log.info("SSE stream opened", extra={"connection_id": connection_id, "client": client})
     watching = asyncio.ensure_future(_until_disconnect(receive, sink))
     heartbeat: _Heartbeat | None = None
+    refused = False  # answered with a problem document: no stream was ever sent
     try:
         subscribing = asyncio.ensure_future(session.subscribe(subscribe))
         await asyncio.wait((subscribing, watching), return_when=asyncio.FIRST_COMPLETED)
@@ -281,6 +282,7 @@ async def _run(
         error = subscribing.exception()
         if isinstance(error, ProtocolError):
             if not sink.started and outbox.queued == 0:
+                refused = True
                 await _problem(error.code, error.message, retry_after_ms=error.retry_after_ms)(scope, receive, send)
                 return
             # Events were sent: the stream ends with what the refusal says, and where to resume.
@@ -303,7 +305,7 @@ async def _run(
         pipeline.hub.detach(outbox)
         outbox.discard()
         # The client's close has no code over HTTP: `client` when it went away first.
-        pipeline.metrics.connection_closed("sse", outbox.close_code or "client")
+        pipeline.metrics.connection_closed("sse", outbox.close_code or ("refused" if refused else "client"))
         _log.info(
             "SSE stream closed",
             extra={
