@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 from bench.config import FULL, QUICK
+from bench.loop import run_fast
 from bench.proc import raise_nofile_limit
 from bench.report import ScenarioResult, machine_info, render, write_json
 from bench.scenarios import SCENARIOS
@@ -19,7 +18,6 @@ from bench.scenarios.common import Context
 from bench.servers import BENCH_DIR, SPECS
 
 Scenario = Callable[[Context], Awaitable[ScenarioResult]]
-T = TypeVar("T")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -81,15 +79,6 @@ async def main_async(args: argparse.Namespace) -> int:
         print(f"skipped {server}: {why.splitlines()[0]}")
     # A contender asked for that could not run is a failed run too: its figures are missing.
     return 1 if failed or ctx.unavailable else 0
-
-
-def run_fast(main: Coroutine[Any, Any, T]) -> T:
-    """Run `main` on uvloop when installed: the harness's writers then leave more CPU to the servers."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def main() -> None:

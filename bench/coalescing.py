@@ -46,11 +46,11 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import orjson
@@ -59,6 +59,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from bench import db
 from bench.instructions import recreate_database
+from bench.loop import run_fast
 from bench.proc import CpuWindow, raise_nofile_limit, self_cpu_seconds
 from bench.report import ScenarioResult, machine_info, render, write_json
 from bench.servers import BENCH_DIR, RunningServer, ServerSpec, running
@@ -72,7 +73,6 @@ SETUP_TIMEOUT_S = 180.0
 CLOSE_TIMEOUT_S = 5.0
 
 Row = dict[str, Any]
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -817,15 +817,6 @@ async def measure(options: Options) -> list[ModeRun]:
                     print(describe(run), flush=True)
                     runs.append(run)
     return runs
-
-
-def run_fast(main: Coroutine[Any, Any, T]) -> T:
-    """On uvloop when installed: the subscribers' loop is the busiest thing this side of the server."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def parse_args(argv: list[str]) -> Options:

@@ -43,10 +43,10 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import orjson
@@ -54,14 +54,13 @@ import orjson
 from bench import db
 from bench.config import FULL
 from bench.httpload import http_get
+from bench.loop import run_fast
 from bench.proc import CpuWindow, cpu_seconds, process_tree, raise_nofile_limit
 from bench.report import ScenarioResult, machine_info, render, write_json
 from bench.scenarios.common import alternate, require_open
 from bench.servers import BENCH_DIR, REALTIME, RunningServer, running
 from bench.shards import SubscriberPool
 from bench.writers import ChangeWriters, WriteStats
-
-T = TypeVar("T")
 
 LISTENER_APPLICATION = "realtime-listener"
 PROBE_APPLICATION = "bench-instances"
@@ -570,15 +569,6 @@ async def measure(options: Options) -> list[Run]:
                 runs.append(run)
             print(f"round {round_number + 1} took {time.monotonic() - began:.0f} s", flush=True)
     return runs
-
-
-def run_fast(main: Coroutine[Any, Any, T]) -> T:
-    """On uvloop when installed: the writers' schedule shares this loop with the probes."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def parse_args(argv: list[str]) -> Options:

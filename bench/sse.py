@@ -40,14 +40,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Literal, cast
 
 from bench import db
 from bench.instructions import recreate_database
+from bench.loop import run_fast
 from bench.proc import CpuWindow, process_tree, raise_nofile_limit, self_cpu_seconds
 from bench.report import ScenarioResult, machine_info, render, write_json
 from bench.servers import BENCH_DIR, ServerSpec, running
@@ -68,8 +68,6 @@ MAX_HEAD_BYTES = 16 * 1024
 
 _OP_TEXT, _OP_CLOSE, _OP_PING, _OP_PONG = 0x1, 0x8, 0x9, 0xA
 _SUBSCRIBE = b'{"type":"subscribe","id":"b","table":"users"}'
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -623,15 +621,6 @@ async def measure(options: Options) -> list[Run]:
                 runs.append(run)
             print(f"round {round_number + 1} took {time.monotonic() - began:.0f} s", flush=True)
     return runs
-
-
-def run_fast(main: Coroutine[Any, Any, T]) -> T:
-    """On uvloop when installed: the clients' loop is the busiest thing on this side of the server."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
 
 
 def parse_args(argv: list[str]) -> Options:
