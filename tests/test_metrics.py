@@ -43,8 +43,13 @@ async def scrape(server: ServerProcess, headers: dict[str, str] | None = None) -
         response = await http.get(f"{server.base_url}/metrics", headers=headers)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    return parse(response.text)
+
+
+def parse(text: str) -> Samples:
+    """Every sample of a Prometheus text exposition, by name and labels."""
     samples: Samples = {}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
     return samples
@@ -358,10 +363,7 @@ def test_label_values_a_client_chooses_are_bounded() -> None:
         metrics.connection_closed("ws", code)
     for method in ("BREW", "PROPFIND", "GET"):
         metrics.http_request(method, "/users", 405, 0.001)
-    samples: Samples = {}
-    for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    samples = parse(generate_latest(metrics.registry).decode())
     closes = {labels: count for (name, labels), count in samples.items() if name == "realtime_closes_total"}
     assert {dict(labels)["code"]: count for labels, count in closes.items()} == {
         "other": 2,
